@@ -1,0 +1,28 @@
+"""Shared fixtures.
+
+Never import twisted.internet.reactor (or twisted.mail.smtp, which imports it) at module
+level here: pytest-twisted installs the reactor in pytest_configure (twisted-notes §7).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from pki import TestCA  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def test_ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
+    """One CA for the session.  ``test_ca.issue(name, *dns_or_ip)`` makes leaf certs."""
+    return TestCA(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def server_cert(test_ca: TestCA):
+    """A certificate valid for localhost, 127.0.0.1 and ::1 (the gateway's listeners)."""
+    return test_ca.issue("gateway", "localhost", "127.0.0.1", "::1", "gw.example.test")
