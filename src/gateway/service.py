@@ -1,0 +1,158 @@
+"""The composition root: a frozen Config in, a running gateway (a MultiService) out.
+
+Order of flow: listeners (smtpd) → sink (spool, then scheduler) → relay → smarthost.
+Nothing here reads the global reactor; ``tap`` passes it in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.application import service
+from twisted.cred.portal import Portal
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from gateway import reply as R
+from gateway import tls
+from gateway.auth import AuthThrottle, make_portal
+from gateway.auth_file import FileChecker
+from gateway.config import Config, ListenerSection, describe
+from gateway.envelope import Envelope
+from gateway.listener import ConnectionCounter, ListenerContext, ListenerSettings
+from gateway.relay import SmarthostRelay
+from gateway.reply import ReplyError
+from gateway.scheduler import Scheduler
+from gateway.smtpd import GatewaySMTPFactory
+from gateway.spool import Spool, SpoolError, SpoolFull
+
+log = Logger()
+
+
+class QueueSink:
+    """Accepted mail goes to disk first, then to the scheduler.  Spool failures become
+    the replies the client must see (never a 250)."""
+
+    def __init__(self, spool: Spool, scheduler: Scheduler) -> None:
+        self.spool = spool
+        self.scheduler = scheduler
+
+    def submit(self, envelope: Envelope, message: bytes) -> defer.Deferred[None]:
+        d = self.spool.submit(envelope, message)
+
+        def durable(_: object) -> None:
+            self.scheduler.enqueue(envelope)
+
+        def failed(failure: Failure) -> None:
+            if failure.check(SpoolFull):
+                raise ReplyError(R.SPOOL_FULL, failure.getErrorMessage())
+            if failure.check(SpoolError):
+                raise ReplyError(R.LOCAL_ERROR, failure.getErrorMessage())
+            failure.raiseException()
+
+        return d.addCallbacks(durable, failed)
+
+
+class GatewayService(service.MultiService):
+    """Listeners, spool, scheduler and relay for one Config."""
+
+    def __init__(self, config: Config, reactor: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.ports: list[IListeningPort] = []
+        self.contexts: list[ListenerContext] = []
+        self.spool_pool = ThreadPool(minthreads=1, maxthreads=4, name="spool")
+        self.auth_pool = ThreadPool(minthreads=1, maxthreads=4, name="auth")
+        self.spool = Spool(config.gateway.state_dir / "spool", reactor, self.spool_pool)
+        self.relay = SmarthostRelay(config.smarthosts, config.relay, config.gateway.hostname, reactor)
+        self.scheduler = Scheduler(self.spool, self.relay, config.queue, config.gateway.hostname,
+                                   reactor)
+        self.scheduler.setServiceParent(self)
+        self.sink = QueueSink(self.spool, self.scheduler)
+        self.connections = ConnectionCounter(config.limits.max_connections,
+                                             config.limits.max_connections_per_ip)
+        self.throttle = AuthThrottle(config.auth.max_failures, config.auth.failure_window, reactor)
+        self.portal = self._portal()
+
+    def _portal(self) -> Portal | None:
+        checkers = []
+        if self.config.auth.users_file is not None:
+            checkers.append(FileChecker(self.config.auth.users_file, self.reactor, self.auth_pool))
+        return make_portal(checkers) if checkers else None
+
+    def _certificate(self, listener: ListenerSection) -> tuple[Path, Path]:
+        if listener.certificate is not None and listener.private_key is not None:
+            return listener.certificate, listener.private_key
+        if self.config.tls.certificate is not None and self.config.tls.private_key is not None:
+            return self.config.tls.certificate, self.config.tls.private_key
+        return tls.ensure_self_signed(self.config.gateway.state_dir / "tls",
+                                      self.config.gateway.hostname)
+
+    def build_factories(self) -> list[tuple[ListenerSection, Any]]:
+        """One factory per listener (smtps ones wrapped in TLS from the first byte)."""
+        out = []
+        for listener in self.config.listeners:
+            cert, key = self._certificate(listener)
+            creator = tls.server_creator(cert, key, listener.tls_min_version)
+            context = ListenerContext(
+                settings=ListenerSettings.from_config(listener, self.config),
+                clock=self.reactor, portal=self.portal,
+                starttls_creator=None if listener.mode == "smtps" else creator,
+                sink=self.sink, throttle=self.throttle, connections=self.connections)
+            self.contexts.append(context)
+            factory: Any = GatewaySMTPFactory(context)
+            if listener.mode == "smtps":
+                factory = TLSMemoryBIOFactory(creator, False, factory)
+            out.append((listener, factory))
+        return out
+
+    def startService(self) -> None:
+        for line in describe(self.config):
+            log.info("config: {line}", line=line)
+        self.config.gateway.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.spool.open()
+        self.spool_pool.start()
+        self.auth_pool.start()
+        factories = self.build_factories()
+        super().startService()  # the scheduler scans the spool
+        for listener, factory in factories:
+            self._listen(listener, factory)
+
+    def _listen(self, listener: ListenerSection, factory: Any) -> None:
+        endpoint = serverFromString(self.reactor, listener.endpoint)
+        d = endpoint.listen(factory)
+        result: list[Any] = []
+        d.addBoth(result.append)
+        # Endpoints from serverFromString listen synchronously (tcp, unix, systemd): a
+        # port in use must stop the start-up, not leave a half-started gateway.
+        if not result:
+            raise RuntimeError(f"listener {listener.name}: {listener.endpoint} did not start")
+        if isinstance(result[0], Failure):
+            result[0].raiseException()
+        port = result[0]
+        self.ports.append(port)
+        log.info("listening on {address} ({mode}, {name})", address=port.getHost(),
+                 mode=listener.mode, name=listener.name)
+
+    def stopService(self) -> defer.Deferred[None]:
+        ports, self.ports = self.ports, []
+        stopping = [defer.maybeDeferred(p.stopListening) for p in ports]
+        for context in self.contexts:
+            for session in list(context.sessions):
+                session.shutdown()
+        d = defer.gatherResults(stopping, consumeErrors=True)
+        d.addBoth(lambda _: super(GatewayService, self).stopService())
+
+        def pools(result: Any) -> Any:
+            self.spool_pool.stop()
+            self.auth_pool.stop()
+            return result
+
+        return d.addBoth(pools)
