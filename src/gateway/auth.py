@@ -1,0 +1,322 @@
+"""Authentication: the cred realm, the principal (avatar), the checker chain, the AUTH throttle.
+
+The listener asks ``make_portal(checkers)`` for an ``IPrincipal``::
+
+    portal.login(credentials, None, IPrincipal) -> (IPrincipal, Principal, logout)
+
+and maps the outcome to a reply: a ``Principal`` means 235; ``UnauthorizedLogin`` means
+535 5.7.8; anything else (``BackendUnavailable`` above all) means 454 4.7.0.  A client on a
+trusted network that does not AUTH gets ``Principal.for_network(ip)`` instead.
+
+Checkers return an ``Identity`` (a hashable value) as the avatar id; the realm turns it into
+a ``Principal``, the per-login policy object the later stages consult.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.cred import error as cred_error
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import Attribute, Interface, implementer
+
+from gateway.envelope import parse_address
+from gateway.reply import ReplyError
+
+log = Logger(namespace="gateway.auth")
+
+UnauthorizedLogin = cred_error.UnauthorizedLogin
+
+
+class BackendUnavailable(Exception):
+    """A checker could not decide (directory down, users file unreadable): 454 4.7.0."""
+
+
+class FrozenAttributes(Mapping[str, Any]):
+    """An immutable, hashable mapping; lists become tuples, dicts become FrozenAttributes."""
+
+    __slots__ = ("_data", "_hash")
+
+    def __init__(self, data: Mapping[str, Any] | Iterable[tuple[str, Any]] = ()) -> None:
+        items = data.items() if isinstance(data, Mapping) else data
+        self._data = {str(k): _freeze(v) for k, v in items}
+        self._hash: int | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __hash__(self) -> int:
+        if self._hash is None:
+            self._hash = hash(frozenset(self._data.items()))
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Mapping) and dict(self.items()) == dict(other.items())
+
+    def __repr__(self) -> str:
+        return f"FrozenAttributes({self._data!r})"
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return FrozenAttributes(value)
+    if isinstance(value, list | tuple):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, set | frozenset):
+        return frozenset(_freeze(v) for v in value)
+    return value
+
+
+EMPTY_ATTRIBUTES = FrozenAttributes()
+
+
+@dataclass(frozen=True)
+class SenderPolicy:
+    """The envelope senders a principal may use.
+
+    Patterns: an exact address (``alice@example.com``), a whole domain (``@example.com``:
+    exactly that domain, not its subdomains) or ``*`` (any sender, the null sender ``<>``
+    included).  Matching ignores case in both the local part and the domain.
+    """
+
+    patterns: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, patterns: Iterable[str]) -> SenderPolicy:
+        """Validate and normalise patterns; raises ValueError naming the bad one."""
+        if isinstance(patterns, str):
+            raise ValueError(f"sender patterns must be a list, not the string {patterns!r}")
+        out: list[str] = []
+        for pattern in patterns:
+            normal = _normalise_pattern(pattern)
+            if normal not in out:
+                out.append(normal)
+        return cls(tuple(out))
+
+    def allows(self, address: str) -> bool:
+        if "*" in self.patterns:
+            return True
+        if not address:
+            return False
+        address = address.lower()
+        at = address.rfind("@")
+        if at <= 0:
+            return False
+        return address in self.patterns or address[at:] in self.patterns
+
+
+def _normalise_pattern(pattern: object) -> str:
+    if not isinstance(pattern, str):
+        raise ValueError(f"bad sender pattern {pattern!r}: not a string")
+    if pattern == "*":
+        return pattern
+    if pattern.startswith("*@"):  # a valid mailbox, but surely meant as a wildcard
+        raise ValueError(f"bad sender pattern {pattern!r}: write a whole domain as "
+                         f"{pattern[1:]!r}")
+    domain_only = pattern.startswith("@")
+    try:
+        address = parse_address(("postmaster" if domain_only else "") + pattern, is_sender=True)
+    except ReplyError:
+        address = None
+    normal = None
+    if address is not None and not address.is_null:
+        normal = "@" + address.domain if domain_only else str(address).lower()
+    # The canonical form must be the pattern itself: no source route, no stray text.
+    if normal is None or normal != pattern.lower():
+        raise ValueError(
+            f"bad sender pattern {pattern!r}: expected user@domain, @domain or *")
+    return normal
+
+
+class IPrincipal(Interface):
+    """Who is on the other end of a session, and what they may do."""
+
+    name = Attribute("The account name, or 'network:<ip>' for a trusted-network client")
+    backend = Attribute("Where the identity came from: 'file', 'network', 'ldap', 'omicard'")
+    authenticated = Attribute("True after a successful AUTH")
+
+    def may_send_as(address: str) -> bool:  # type: ignore[misc]
+        """May this principal use ``address`` ("" for ``<>``) as the envelope sender?"""
+
+
+@implementer(IPrincipal)
+@dataclass(frozen=True)
+class Principal:
+    """The avatar: the per-login policy object.
+
+    ``attributes`` is a frozen mapping for what later stages need beyond the senders: the
+    X-Header option defaults, the rate-limit class, the upstream identity to present to the
+    smarthost.  Backends fill it through ``Identity.attributes``.
+    """
+
+    name: str
+    backend: str
+    authenticated: bool
+    senders: SenderPolicy
+    attributes: Mapping[str, Any] = field(default=EMPTY_ATTRIBUTES)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.attributes, FrozenAttributes):
+            object.__setattr__(self, "attributes", FrozenAttributes(self.attributes))
+
+    def may_send_as(self, address: str) -> bool:
+        return self.senders.allows(address)
+
+    @classmethod
+    def for_network(cls, ip: str) -> Principal:
+        """A client trusted by its address: not authenticated, may use any sender."""
+        return cls(name=f"network:{ip}", backend="network", authenticated=False,
+                   senders=SenderPolicy(("*",)))
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What a checker returns as the avatar id: hashable, so cred can pass it around."""
+
+    account: str
+    backend: str
+    senders: tuple[str, ...] = ()
+    attributes: FrozenAttributes = field(default=EMPTY_ATTRIBUTES)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "senders", tuple(self.senders))
+        if not isinstance(self.attributes, FrozenAttributes):
+            object.__setattr__(self, "attributes", FrozenAttributes(self.attributes))
+
+
+def _logout() -> None:
+    """Nothing to release per login (yet)."""
+
+
+@implementer(IRealm)
+class Realm:
+    """Turns an ``Identity`` into an authenticated ``Principal``."""
+
+    def requestAvatar(self, avatarId: Identity, mind: object,
+                      *interfaces: Any) -> tuple[Any, Principal, Callable[[], None]]:
+        if IPrincipal not in interfaces:
+            raise TypeError(f"this realm only provides IPrincipal, not {interfaces!r}")
+        if not isinstance(avatarId, Identity):
+            raise TypeError(f"avatar id must be an Identity, not {type(avatarId).__name__}")
+        try:
+            senders = SenderPolicy.parse(avatarId.senders)
+        except ValueError as e:
+            # A backend handing out a broken policy is a backend fault, not a bad password.
+            log.error("backend {backend} returned a bad sender policy for {account}: {error}",
+                      backend=avatarId.backend, account=avatarId.account, error=str(e))
+            raise BackendUnavailable(f"bad sender policy from {avatarId.backend}") from e
+        principal = Principal(name=avatarId.account, backend=avatarId.backend,
+                              authenticated=True, senders=senders,
+                              attributes=avatarId.attributes)
+        return IPrincipal, principal, _logout
+
+
+@implementer(ICredentialsChecker)
+class CheckerChain:
+    """Try each checker in order; the first success wins.
+
+    ``UnauthorizedLogin`` from a checker (unknown user, bad password) moves on to the next.
+    Any other error marks the backend unavailable, is logged, and also moves on.  When no
+    checker succeeds: ``BackendUnavailable`` if any backend was unavailable (the user may
+    exist there), else ``UnauthorizedLogin``.
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, checkers: Sequence[ICredentialsChecker]) -> None:
+        self.checkers = tuple(checkers)
+
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred[Identity]:
+        return defer.ensureDeferred(self._check(credentials))
+
+    async def _check(self, credentials: Any) -> Identity:
+        unavailable: list[str] = []
+        for checker in self.checkers:
+            try:
+                return await defer.maybeDeferred(checker.requestAvatarId, credentials)
+            except cred_error.UnauthorizedLogin:
+                continue
+            except Exception as e:
+                name = type(checker).__name__
+                unavailable.append(name)
+                log.warn("auth backend {checker} unavailable: {error}", checker=name,
+                         error=f"{type(e).__name__}: {e}")
+        if unavailable:
+            raise BackendUnavailable("unavailable: " + ", ".join(unavailable))
+        raise cred_error.UnauthorizedLogin("no backend accepted the credentials")
+
+
+def make_portal(checkers: Sequence[ICredentialsChecker]) -> Portal:
+    """A portal over ``Realm`` with all checkers behind one ``CheckerChain``."""
+    return Portal(Realm(), [CheckerChain(checkers)])
+
+
+class AuthThrottle:
+    """Failed AUTH attempts per client IP, in a sliding window, in this process.
+
+    ``blocked(ip)`` is true while ``max_failures`` failures lie within the last ``window``
+    seconds.  A success does not clear the count: one good login must not buy an attacker
+    another round of guesses (on another account, from the same address).  The failures
+    simply age out.
+
+    Memory stays bounded: each IP keeps at most ``max_failures`` timestamps (enough to decide
+    ``blocked``, so ``record_failure`` saturates at ``max_failures``), entries whose last
+    failure left the window are dropped, and the table holds at most ``max_entries`` IPs,
+    the least recently failing dropped first.
+    """
+
+    def __init__(self, max_failures: int, window: float, clock: IReactorTime,
+                 max_entries: int = 100_000) -> None:
+        if max_failures < 1 or window <= 0 or max_entries < 1:
+            raise ValueError("max_failures and max_entries must be >= 1, window > 0")
+        self.max_failures = max_failures
+        self.window = window
+        self.max_entries = max_entries
+        self._clock = clock
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def record_failure(self, ip: str) -> int:
+        """Count a failed AUTH; returns the failures within the window (capped)."""
+        now = self._clock.seconds()
+        self._expire(now)
+        times = self._failures.pop(ip, None) or deque(maxlen=self.max_failures)
+        times.append(now)
+        self._failures[ip] = times
+        while len(self._failures) > self.max_entries:
+            self._failures.popitem(last=False)
+        return self._count(times, now)
+
+    def record_success(self, ip: str) -> None:
+        """A successful AUTH changes nothing (see the class docstring)."""
+
+    def blocked(self, ip: str) -> bool:
+        times = self._failures.get(ip)
+        return bool(times) and self._count(times, self._clock.seconds()) >= self.max_failures
+
+    def __len__(self) -> int:
+        return len(self._failures)
+
+    def _count(self, times: deque[float], now: float) -> int:
+        return sum(1 for t in times if t > now - self.window)
+
+    def _expire(self, now: float) -> None:
+        # The table is ordered by last failure, so stale entries sit at the front.
+        while self._failures:
+            ip, times = next(iter(self._failures.items()))
+            if times[-1] > now - self.window:
+                break
+            del self._failures[ip]
