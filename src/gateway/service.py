@@ -115,7 +115,7 @@ class GatewayService(service.MultiService):
 
     def startService(self) -> None:
         for line in describe(self.config):
-            log.info("config: {line}", line=line)
+            log.info("{line}", line=line)
         self.config.gateway.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.spool.open()
         self.spool_pool.start()

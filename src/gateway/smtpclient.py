@@ -414,6 +414,8 @@ def _ascii(text: str) -> bytes:
 class SMTPClientFactory(Factory):
     """Builds one ``SMTPClientProtocol`` per connection (for an endpoint's ``connect``)."""
 
+    noisy = False  # one factory per delivery: no "Starting factory" line each time
+
     def __init__(self, clock: IReactorTime, timeouts: ClientTimeouts,
                  tls_on_connect: IOpenSSLClientConnectionCreator | None = None) -> None:
         self.clock = clock
