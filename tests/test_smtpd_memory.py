@@ -336,3 +336,12 @@ def test_connection_limits():
     a.proto.connectionLost(None)
     assert Dialog(connections=counter).greeting[0].startswith("220 ")
     assert b.greeting[0].startswith("220 ")
+
+
+def test_non_ascii_helo_is_echoed_safely():
+    d = Dialog()
+    lines = d.send("EHLO h\u00e9llo\r\n".encode() + b"EHLO \xff\xfe\r\n")
+    assert lines[0] == "250-gw.example.test Hello h?llo [127.0.0.1]"
+    assert any(line.startswith("250-gw.example.test Hello ??") for line in lines[1:])
+    d.send(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\nx\r\n.\r\n")
+    assert d.sink.messages[0][1].startswith(b"Received: from ?? ([127.0.0.1])")

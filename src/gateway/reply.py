@@ -49,7 +49,7 @@ class Reply:
             prefix = f"{self.code}{sep}"
             if self.enhanced:
                 prefix += self.enhanced + " "
-            out.append((prefix + _printable(line)).rstrip(" ").encode("utf-8") + b"\r\n")
+            out.append((prefix + _printable(line)).rstrip(" ").encode("ascii") + b"\r\n")
         return b"".join(out)
 
     def __str__(self) -> str:
@@ -57,8 +57,8 @@ class Reply:
 
 
 def _printable(text: str) -> str:
-    """Keep a reply on one line: no CR, LF or other control characters in it."""
-    return "".join(ch if (ch >= " " and ch != "\x7f") else "?" for ch in text)
+    """Keep a reply on one ASCII line: no CR, LF, control or non-ASCII characters."""
+    return "".join(ch if " " <= ch < "\x7f" else "?" for ch in text)
 
 
 class ReplyError(Exception):
