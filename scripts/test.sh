@@ -27,5 +27,5 @@ fi
 # Regenerate the twistd plugin cache as the installing user (twisted-notes §4).
 .venv/bin/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 
-.venv/bin/ruff check src tests bench
+.venv/bin/ruff check
 exec .venv/bin/python -m pytest "$@"
