@@ -265,8 +265,7 @@ class Scheduler(service.Service):
              next_attempt: float, now: float) -> None:
         qid = envelope.queue_id
         for r, status in outcomes:
-            reply = r.describe()
-            maillog.attempt(qid, r.host, r.recipient, reply, r.outcome.value)
+            reply = r.describe()  # the relay logged each host's attempt already
             if status == DELIVERED:
                 maillog.delivered(qid, r.recipient, r.host, reply, now - envelope.received_at)
             elif status == PENDING:
