@@ -26,3 +26,26 @@ def test_ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
 def server_cert(test_ca: TestCA):
     """A certificate valid for localhost, 127.0.0.1 and ::1 (the gateway's listeners)."""
     return test_ca.issue("gateway", "localhost", "127.0.0.1", "::1", "gw.example.test")
+
+
+@pytest.fixture
+def pool():
+    """A started thread pool for spool I/O, stopped after the test."""
+    from twisted.python.threadpool import ThreadPool
+
+    tp = ThreadPool(minthreads=1, maxthreads=4, name="test-spool")
+    tp.start()
+    yield tp
+    tp.stop()
+
+
+@pytest.fixture
+def spool(tmp_path: Path, pool):
+    """An opened Spool under tmp_path."""
+    from twisted.internet import reactor
+
+    from gateway.spool import Spool
+
+    s = Spool(tmp_path / "spool", reactor, pool)
+    s.open()
+    return s

@@ -9,12 +9,10 @@ from __future__ import annotations
 import email
 import random
 from collections.abc import Iterable
-from pathlib import Path
 
 import pytest
 import pytest_twisted
 from twisted.internet import defer, task
-from twisted.python.threadpool import ThreadPool
 
 from gateway.config import QueueSection
 from gateway.delivery import AttemptResult, Outcome, RecipientResult
@@ -103,23 +101,6 @@ class FakeRelay:
 
     def recipients(self, call: int) -> tuple[str, ...]:
         return self.calls[call][0].recipients
-
-
-@pytest.fixture
-def pool():
-    tp = ThreadPool(minthreads=1, maxthreads=4, name="test-scheduler")
-    tp.start()
-    yield tp
-    tp.stop()
-
-
-@pytest.fixture
-def spool(tmp_path: Path, pool: ThreadPool) -> Spool:
-    from twisted.internet import reactor
-
-    s = Spool(tmp_path / "spool", reactor, pool)
-    s.open()
-    return s
 
 
 @pytest.fixture

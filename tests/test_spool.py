@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from twisted.internet import threads
-from twisted.python.threadpool import ThreadPool
 
 import gateway
 from gateway import spool as spool_mod
@@ -39,23 +38,6 @@ def envelope(qid: str | None = None, recipients: tuple[str, ...] = ("b@example.t
                     received_at=1700000000.5, client_ip="192.0.2.1", client_helo="client.test",
                     auth_user="alice", listener="submission", size=len(MESSAGE),
                     extra={"note": "ü"})
-
-
-@pytest.fixture
-def pool():
-    tp = ThreadPool(minthreads=1, maxthreads=4, name="test-spool")
-    tp.start()
-    yield tp
-    tp.stop()
-
-
-@pytest.fixture
-def spool(tmp_path: Path, pool: ThreadPool) -> Spool:
-    from twisted.internet import reactor
-
-    s = Spool(tmp_path / "spool", reactor, pool)
-    s.open()
-    return s
 
 
 def files(spool: Spool, directory: str) -> list[str]:
