@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import smtplib
 import subprocess
@@ -299,3 +300,65 @@ async def test_swaks_starttls_auth(gateway, smarthost):
     assert "235 2.7.0" in result.stdout and "250 2.0.0 Ok: queued as" in result.stdout
     await smarthost.wait_for_messages(1, timeout=20)
     assert b"Subject: from swaks" in smarthost.messages[0].data
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs for the state directory: a real ENOSPC, not a simulated one."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest_twisted.ensureDeferred
+async def test_disk_full_gives_452_and_nothing_is_queued(small_disk, tmp_path, test_ca, server_cert,
+                                                          smarthost, relay_password):
+    gw = await start_gateway(tmp_path, test_ca, server_cert,
+                             [smarthost_entry(smarthost.port, test_ca.ca_pem,
+                                              password_file=relay_password)],
+                             gateway={"state_dir": str(small_disk / "state")})
+    filler = small_disk / "filler"
+    try:
+        free = shutil.disk_usage(small_disk).free
+        filler.write_bytes(b"\0" * (free - 100_000))  # leave ~100 KB
+        big = message(body=("y" * 70 + "\r\n") * 4000)  # ~290 KB
+
+        def send(msg):
+            with gw.smtp("smtp") as c:
+                c.ehlo("x")
+                c.mail("a@corp.example")
+                c.rcpt("b@example.net")
+                return c.data(msg)
+
+        code, text = await threads.deferToThread(send, big)
+        assert (code, text[:5]) == (452, b"4.3.1")
+        queue = small_disk / "state" / "spool" / "queue"
+        assert list(queue.iterdir()) == [] and list((queue.parent / "tmp").iterdir()) == []
+        filler.unlink()
+        code, _ = await threads.deferToThread(send, big)
+        assert code == 250
+        await smarthost.wait_for_messages(1, timeout=20)
+    finally:
+        await gw.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_unwritable_spool_gives_452(gateway, tmp_path, smarthost):
+    tmpdir = tmp_path / "state" / "spool" / "tmp"
+    tmpdir.rmdir()
+    tmpdir.write_bytes(b"")  # the spool cannot create files any more (even as root)
+
+    def send():
+        with gateway.smtp("smtp") as c:
+            c.ehlo("x")
+            c.mail("a@corp.example")
+            c.rcpt("b@example.net")
+            return c.data(message())
+
+    code, text = await threads.deferToThread(send)
+    assert (code, text[:5]) == (452, b"4.3.1")
+    assert list((tmp_path / "state" / "spool" / "queue").iterdir()) == []

@@ -50,10 +50,9 @@ class QueueSink:
             self.scheduler.enqueue(envelope)
 
         def failed(failure: Failure) -> None:
-            if failure.check(SpoolFull):
+            # A full disk and an unwritable spool both mean "storage": 452 4.3.1.
+            if failure.check(SpoolFull, SpoolError):
                 raise ReplyError(R.SPOOL_FULL, failure.getErrorMessage())
-            if failure.check(SpoolError):
-                raise ReplyError(R.LOCAL_ERROR, failure.getErrorMessage())
             failure.raiseException()
 
         return d.addCallbacks(durable, failed)
