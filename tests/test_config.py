@@ -604,7 +604,10 @@ def test_describe_gives_one_line_per_section(tmp_path: Path, server_cert) -> Non
     assert lines[3] == ("listener smtp: endpoint=tcp:2525 mode=smtp tls_min_version=1.2"
                         " certificate=- private_key=- auth_required=false")
     assert lines[4] == ("relay: trusted_networks=127.0.0.0/8,::1/128 connect_timeout=30s"
-                        " greeting_timeout=2m command_timeout=2m data_timeout=10m")
+                        " greeting_timeout=2m command_timeout=2m data_timeout=10m"
+                        " max_messages_per_connection=100 max_connections_per_host=10"
+                        " connection_idle_timeout=30s connection_max_age=10m"
+                        " messages_per_second=unlimited breaker_failures=3 breaker_cooldown=30s")
     assert lines[6] == ("auth: users_file=- mechanisms=PLAIN,LOGIN max_failures=5"
                         " failure_window=5m")
     assert lines[7].startswith("limits: max_message_size=36700160 (35M) max_recipients=1000")

@@ -199,11 +199,13 @@ mode = "smtps"
 host = "smtp.itpison.com"
 port = 465
 security = "smtps"
+fallbacks = [{ port = 587, security = "starttls" }, { port = 25, security = "starttls" }]
 
 [[smarthosts]]
 host = "smtp2.itpison.com"
 port = 465
 security = "smtps"
+fallbacks = [{ port = 587, security = "starttls" }, { port = 25, security = "starttls" }]
 """
 
 
@@ -514,6 +516,8 @@ def _value_text(name: str, value: Any, type_name: str) -> str:
     if isinstance(value, tuple):
         return ",".join(f"{item.port}/{item.security}" if isinstance(item, SmarthostFallback)
                         else str(item) for item in value) or "-"
+    if name == "messages_per_second":
+        return f"{value:g}/s" if value else "unlimited"
     if type_name == "float":
         return v.duration_text(value)
     if name == "max_message_size":
