@@ -692,3 +692,31 @@ def test_etc_example_shows_the_real_defaults() -> None:
         assert getattr(item, key) == default, f"{name}.{key}"
         checked += 1
     assert checked >= 20
+
+
+@pytest.mark.parametrize("fallbacks, path, message", [
+    ('{port = 587}', "smarthosts[0].fallbacks", "must be a list of tables"),
+    ('[{security = "starttls"}]', "smarthosts[0].fallbacks[0].port", "required"),
+    ('[{port = 25, security = "none"}]', "smarthosts[0].fallbacks[0].security", "in clear"),
+    ('[{port = 465, security = "starttls"}]', "smarthosts[0].fallbacks[0].security", "465"),
+    ('[{port = 587, security = "smtps"}]', "smarthosts[0].fallbacks[0].security", "587"),
+    ('[{port = 465, security = "smtps"}]', "smarthosts[0].fallbacks[0]", "already"),
+    ('[{port = 587, sec = "starttls"}]', "smarthosts[0].fallbacks[0].sec", "valid: port, security"),
+])
+def test_bad_fallbacks(fallbacks: str, path: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(listener() + smarthost() + f"fallbacks = {fallbacks}\n")
+    assert info.value.path == path and message in str(info.value)
+
+
+def test_fallbacks_and_routes() -> None:
+    config = parse(listener() + smarthost() + 'fallbacks = [{port = 587}, {port = 25}]\n')
+    host = config.smarthosts[0]
+    assert host.routes == ((465, "smtps"), (587, "starttls"), (25, "starttls"))
+    assert default_config().smarthosts[0].routes == host.routes
+
+
+def test_bad_messages_per_second() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(BASE + section("relay", messages_per_second=-1))
+    assert info.value.path == "relay.messages_per_second"
