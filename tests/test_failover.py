@@ -10,11 +10,13 @@ import pytest_twisted
 from twisted.internet import defer
 from twisted.logger import globalLogPublisher
 
-from fakesmarthost import FakeSmarthost
+import test_relay
 from gateway.breaker import State
 from gateway.config import SmarthostFallback
 from gateway.delivery import Outcome
-from test_relay import FAST, MESSAGE, env, envelope, outcomes  # noqa: F401  (env: fixture)
+from test_relay import FAST, MESSAGE, envelope, outcomes
+
+env = test_relay.env  # the fixture: sinks and relays, all stopped after each test
 
 
 def sleep(seconds: float) -> defer.Deferred[None]:
