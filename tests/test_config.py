@@ -604,7 +604,10 @@ def test_describe_gives_one_line_per_section(tmp_path: Path, server_cert) -> Non
     assert lines[3] == ("listener smtp: endpoint=tcp:2525 mode=smtp tls_min_version=1.2"
                         " certificate=- private_key=- auth_required=false")
     assert lines[4] == ("relay: trusted_networks=127.0.0.0/8,::1/128 connect_timeout=30s"
-                        " greeting_timeout=2m command_timeout=2m data_timeout=10m")
+                        " greeting_timeout=2m command_timeout=2m data_timeout=10m"
+                        " max_messages_per_connection=100 max_connections_per_host=10"
+                        " connection_idle_timeout=30s connection_max_age=10m"
+                        " messages_per_second=unlimited breaker_failures=3 breaker_cooldown=30s")
     assert lines[6] == ("auth: users_file=- mechanisms=PLAIN,LOGIN max_failures=5"
                         " failure_window=5m")
     assert lines[7].startswith("limits: max_message_size=36700160 (35M) max_recipients=1000")
@@ -689,3 +692,31 @@ def test_etc_example_shows_the_real_defaults() -> None:
         assert getattr(item, key) == default, f"{name}.{key}"
         checked += 1
     assert checked >= 20
+
+
+@pytest.mark.parametrize("fallbacks, path, message", [
+    ('{port = 587}', "smarthosts[0].fallbacks", "must be a list of tables"),
+    ('[{security = "starttls"}]', "smarthosts[0].fallbacks[0].port", "required"),
+    ('[{port = 25, security = "none"}]', "smarthosts[0].fallbacks[0].security", "in clear"),
+    ('[{port = 465, security = "starttls"}]', "smarthosts[0].fallbacks[0].security", "465"),
+    ('[{port = 587, security = "smtps"}]', "smarthosts[0].fallbacks[0].security", "587"),
+    ('[{port = 465, security = "smtps"}]', "smarthosts[0].fallbacks[0]", "already"),
+    ('[{port = 587, sec = "starttls"}]', "smarthosts[0].fallbacks[0].sec", "valid: port, security"),
+])
+def test_bad_fallbacks(fallbacks: str, path: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(listener() + smarthost() + f"fallbacks = {fallbacks}\n")
+    assert info.value.path == path and message in str(info.value)
+
+
+def test_fallbacks_and_routes() -> None:
+    config = parse(listener() + smarthost() + 'fallbacks = [{port = 587}, {port = 25}]\n')
+    host = config.smarthosts[0]
+    assert host.routes == ((465, "smtps"), (587, "starttls"), (25, "starttls"))
+    assert default_config().smarthosts[0].routes == host.routes
+
+
+def test_bad_messages_per_second() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(BASE + section("relay", messages_per_second=-1))
+    assert info.value.path == "relay.messages_per_second"

@@ -116,7 +116,13 @@ def _read_password() -> str:
     return password
 
 
-COMMANDS: list[Callable[[Subparsers], None]] = [_register_check_config, _register_passwd]
+def _register_queue(sub: Subparsers) -> None:
+    from gateway import queuecli  # light: no reactor, no twisted.mail
+    queuecli.register(sub)
+
+
+COMMANDS: list[Callable[[Subparsers], None]] = [_register_check_config, _register_passwd,
+                                               _register_queue]
 
 
 def build_parser() -> argparse.ArgumentParser:

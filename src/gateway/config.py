@@ -35,7 +35,7 @@ from gateway.config_values import ConfigError, Context
 
 __all__ = [
     "AuthSection", "Config", "ConfigError", "DEFAULT_TOML", "GatewaySection", "LimitsSection",
-    "ListenerSection", "QueueSection", "RelaySection", "SmarthostSection", "TLSSection",
+    "ListenerSection", "QueueSection", "RelaySection", "SmarthostFallback", "SmarthostSection", "TLSSection",
     "default_config", "describe", "load_config", "parse_config",
 ]
 
@@ -81,6 +81,22 @@ class RelaySection:
     greeting_timeout: float = 120.0
     command_timeout: float = 120.0
     data_timeout: float = 600.0  # sending the message + waiting for the final reply
+    # The connection pool (gateway.pool) and the circuit breaker (gateway.breaker):
+    max_messages_per_connection: int = 100  # then QUIT and open a new connection
+    max_connections_per_host: int = 10  # open connections to one smarthost
+    connection_idle_timeout: float = 30.0  # close an unused connection (< the relay's 300 s)
+    connection_max_age: float = 600.0  # close a connection this old after its message
+    messages_per_second: float = 0.0  # node-local cap on messages sent; 0: no cap
+    breaker_failures: int = 3  # consecutive session failures that mark a host down
+    breaker_cooldown: float = 30.0  # how long a down host is skipped before a probe
+
+
+@dataclass(frozen=True)
+class SmarthostFallback:
+    """Another port of the same smarthost, tried when the ones before it are unreachable."""
+
+    port: int
+    security: str  # "smtps" | "starttls" ("none" only when the smarthost's own is "none")
 
 
 @dataclass(frozen=True)
@@ -96,6 +112,7 @@ class SmarthostSection:
     ca_file: Path | None = None  # private CA to verify against (else the platform store)
     tls_name: str | None = None  # name to verify in the certificate (else host)
     allow_insecure_auth: bool = False  # allow username with security = "none"
+    fallbacks: tuple[SmarthostFallback, ...] = ()  # other ports, tried when one is unreachable
 
     @property
     def address(self) -> str:
@@ -106,6 +123,12 @@ class SmarthostSection:
     @property
     def verify_name(self) -> str:
         return self.tls_name or self.host
+
+    @property
+    def routes(self) -> tuple[tuple[int, str], ...]:
+        """(port, security) to try in order: the smarthost's own, then its fallbacks."""
+        return ((self.port, self.security),
+                *((f.port, f.security) for f in self.fallbacks))
 
 
 @dataclass(frozen=True)
@@ -176,11 +199,13 @@ mode = "smtps"
 host = "smtp.itpison.com"
 port = 465
 security = "smtps"
+fallbacks = [{ port = 587, security = "starttls" }, { port = 25, security = "starttls" }]
 
 [[smarthosts]]
 host = "smtp2.itpison.com"
 port = 465
 security = "smtps"
+fallbacks = [{ port = 587, security = "starttls" }, { port = 25, security = "starttls" }]
 """
 
 
@@ -259,12 +284,16 @@ _LISTENER_KEYS: dict[str, v.Convert] = {
     "private_key": v.file_path, "auth_required": v.boolean}
 _RELAY_KEYS: dict[str, v.Convert] = {
     "trusted_networks": v.networks, "connect_timeout": v.duration,
-    "greeting_timeout": v.duration, "command_timeout": v.duration, "data_timeout": v.duration}
+    "greeting_timeout": v.duration, "command_timeout": v.duration, "data_timeout": v.duration,
+    "max_messages_per_connection": v.positive_int, "max_connections_per_host": v.positive_int,
+    "connection_idle_timeout": v.duration, "connection_max_age": v.duration,
+    "messages_per_second": v.rate, "breaker_failures": v.positive_int,
+    "breaker_cooldown": v.duration}
 _SMARTHOST_KEYS: dict[str, v.Convert] = {
     "host": v.host, "port": v.int_range(1, 65535),
     "security": v.choice("smtps", "starttls", "none"), "username": v.string,
     "password_file": v.file_path, "ca_file": v.ca_file, "tls_name": v.dns_name,
-    "allow_insecure_auth": v.boolean}
+    "allow_insecure_auth": v.boolean, "fallbacks": lambda value, path, ctx: value}
 _AUTH_KEYS: dict[str, v.Convert] = {
     "users_file": v.readable_file, "mechanisms": v.mechanisms,
     "max_failures": v.positive_int, "failure_window": v.duration}
@@ -381,6 +410,7 @@ def _smarthosts(raw: list[Any], ctx: Context) -> tuple[SmarthostSection, ...]:
         values = _table(item, path, _SMARTHOST_KEYS, ctx, _REFUSED_PASSWORD)
         _require(values, "host", path, 'the relay\'s name, e.g. host = "smtp.itpison.com"')
         _check_smarthost(values, path)
+        values["fallbacks"] = _fallbacks(values.get("fallbacks", []), values, path, ctx)
         if values.get("password_file") is not None:
             values["password"] = v.read_password(values["password_file"],
                                                  f"{path}.password_file")
@@ -420,6 +450,37 @@ def _check_smarthost(values: dict[str, Any], path: str) -> None:
                                                " it or use TLS")
 
 
+_FALLBACK_KEYS: dict[str, v.Convert] = {
+    "port": v.int_range(1, 65535), "security": v.choice("smtps", "starttls", "none")}
+
+
+def _fallbacks(raw: Any, host: dict[str, Any], path: str,
+               ctx: Context) -> tuple[SmarthostFallback, ...]:
+    """``fallbacks = [{port = 587, security = "starttls"}, ...]``: never a downgrade."""
+    if not isinstance(raw, list):
+        raise ConfigError(f"{path}.fallbacks", "must be a list of tables, e.g. "
+                                               '[{port = 587, security = "starttls"}]')
+    seen = {(host["port"], host.get("security", "smtps")): f"{path}.port"}
+    out = []
+    for i, item in enumerate(raw):
+        where = f"{path}.fallbacks[{i}]"
+        values = _table(item, where, _FALLBACK_KEYS, ctx)
+        _require(values, "port", where, "the port to try, e.g. port = 587")
+        port = values["port"]
+        security = values.get("security", "smtps" if port == 465 else "starttls")
+        if security == "none" and host.get("security", "smtps") != "none":
+            raise ConfigError(f"{where}.security", "a fallback without TLS would send the mail"
+                                                   " (and password) in clear: use starttls")
+        if port == 465 and security != "smtps":
+            raise ConfigError(f"{where}.security", '465 is the implicit-TLS port: "smtps"')
+        if port == 587 and security == "smtps":
+            raise ConfigError(f"{where}.security", '587 is the STARTTLS port: "starttls"')
+        if (first := seen.setdefault((port, security), where)) != where:
+            raise ConfigError(where, f"port {port} with {security} is already {first}")
+        out.append(SmarthostFallback(port, security))
+    return tuple(out)
+
+
 def _limits(raw: Any, ctx: Context) -> LimitsSection:
     limits = LimitsSection(**_table(raw, "limits", _LIMITS_KEYS, ctx))
     if limits.max_message_size < 1024:
@@ -453,7 +514,10 @@ def _value_text(name: str, value: Any, type_name: str) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, tuple):
-        return ",".join(str(item) for item in value) or "-"
+        return ",".join(f"{item.port}/{item.security}" if isinstance(item, SmarthostFallback)
+                        else str(item) for item in value) or "-"
+    if name == "messages_per_second":
+        return f"{value:g}/s" if value else "unlimited"
     if type_name == "float":
         return v.duration_text(value)
     if name == "max_message_size":

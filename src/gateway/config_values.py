@@ -83,6 +83,14 @@ def positive_int(value: Any, path: str, ctx: Context) -> int:
     return value
 
 
+def rate(value: Any, path: str, ctx: Context) -> float:
+    """A non-negative number per second (0 means "no limit")."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ConfigError(path, "must be a number >= 0 (per second; 0 means no limit)"
+                          + _unquote_hint(value))
+    return float(value)
+
+
 def int_range(low: int, high: int) -> Convert:
     def convert(value: Any, path: str, ctx: Context) -> int:
         if not _is_int(value) or not low <= value <= high:

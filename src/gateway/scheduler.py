@@ -34,6 +34,7 @@ from gateway.delivery import AttemptResult, Outcome, RecipientResult, Relay
 from gateway.dsn import build_bounce
 from gateway.envelope import Envelope, new_queue_id
 from gateway.queuestate import BOUNCED, DELIVERED, PENDING, QueueState
+from gateway.sendrate import SendRate, Unlimited
 from gateway.spool import CorruptMessage, NoSuchMessage, Spool
 
 log = Logger(namespace="gateway.scheduler")
@@ -47,8 +48,10 @@ class Scheduler(service.Service):
     name = "scheduler"
 
     def __init__(self, spool: Spool, relay: Relay, queue_cfg: QueueSection, hostname: str,
-                 clock: IReactorTime, rng: random.Random | None = None) -> None:
+                 clock: IReactorTime, rng: random.Random | None = None,
+                 send_rate: SendRate | None = None) -> None:
         self.spool = spool
+        self.send_rate = send_rate or Unlimited()  # a permit per attempt (gateway.sendrate)
         self.relay = relay
         self.cfg = queue_cfg
         self.hostname = hostname
@@ -218,7 +221,7 @@ class Scheduler(service.Service):
         if pending:
             if not self.running:
                 return self.clock.seconds()  # stopping: start no new relay call
-            d = self.relay.deliver(replace(envelope, recipients=tuple(pending)), message)
+            d = self._relay(replace(envelope, recipients=tuple(pending)), message)
             self._relaying[qid] = d
             try:
                 result = await d
@@ -237,6 +240,13 @@ class Scheduler(service.Service):
                 return state.next_attempt
         await self._finish(envelope, message, state)
         return None
+
+    def _relay(self, envelope: Envelope, message: bytes) -> Deferred[AttemptResult]:
+        """A send-rate permit, then the relay; cancelling stops whichever is running."""
+        async def run() -> AttemptResult:
+            await self.send_rate.acquire()
+            return await self.relay.deliver(envelope, message)
+        return ensureDeferred(run())
 
     def _record(self, envelope: Envelope, state: QueueState, result: AttemptResult,
                 pending: list[str], now: float) -> list[tuple[RecipientResult, str]]:

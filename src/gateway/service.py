@@ -24,15 +24,18 @@ from gateway import tls
 from gateway.auth import AuthThrottle, make_portal
 from gateway.auth_file import FileChecker
 from gateway.config import Config, ListenerSection, describe
+from gateway.control import ControlService, QueueControl
 from gateway.envelope import Envelope
 from gateway.listener import ConnectionCounter, ListenerContext, ListenerSettings
 from gateway.relay import SmarthostRelay
 from gateway.reply import ReplyError
 from gateway.scheduler import Scheduler
+from gateway.sendrate import send_rate
 from gateway.smtpd import GatewaySMTPFactory
 from gateway.spool import Spool, SpoolError, SpoolFull
 
 log = Logger()
+CONTROL_SOCKET = "control.sock"  # in gateway.state_dir; `itpison-gateway queue` talks to it
 
 
 class QueueSink:
@@ -72,8 +75,13 @@ class GatewayService(service.MultiService):
         self.spool = Spool(config.gateway.state_dir / "spool", reactor, self.spool_pool)
         self.relay = SmarthostRelay(config.smarthosts, config.relay, config.gateway.hostname, reactor)
         self.scheduler = Scheduler(self.spool, self.relay, config.queue, config.gateway.hostname,
-                                   reactor)
+                                   reactor, send_rate=send_rate(config.relay.messages_per_second,
+                                                                reactor))
         self.scheduler.setServiceParent(self)
+        self.control = ControlService(
+            QueueControl(self.scheduler, config.gateway.state_dir / "spool", reactor,
+                         self.spool_pool), config.gateway.state_dir / CONTROL_SOCKET, reactor)
+        self.control.setServiceParent(self)
         self.sink = QueueSink(self.spool, self.scheduler)
         self.connections = ConnectionCounter(config.limits.max_connections,
                                              config.limits.max_connections_per_ip)
@@ -140,6 +148,13 @@ class GatewayService(service.MultiService):
         log.info("listening on {address} ({mode}, {name})", address=port.getHost(),
                  mode=listener.mode, name=listener.name)
 
+    def _close_relay(self, _: object) -> defer.Deferred[Any]:
+        """QUIT the pooled smarthost connections (bounded by the command deadline)."""
+        closing = self.relay.close()
+        closing.addTimeout(self.config.relay.command_timeout, self.reactor)
+        return closing.addErrback(lambda f: log.warn("closing smarthost connections: {e}",
+                                                     e=f.getErrorMessage()))
+
     def stopService(self) -> defer.Deferred[None]:
         ports, self.ports = self.ports, []
         stopping = [defer.maybeDeferred(p.stopListening) for p in ports]
@@ -148,6 +163,7 @@ class GatewayService(service.MultiService):
                 session.shutdown()
         d = defer.gatherResults(stopping, consumeErrors=True)
         d.addBoth(lambda _: super(GatewayService, self).stopService())
+        d.addBoth(self._close_relay)
 
         def pools(result: Any) -> Any:
             self.spool_pool.stop()
