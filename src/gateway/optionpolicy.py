@@ -30,7 +30,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from gateway import reply as R
@@ -87,7 +87,7 @@ class XHeaderPolicy:
         fields, _ = X.split_message(message)
         found = X.control_fields(fields)
         notes: list[str] = []
-        final = self._decide(who, found, datetime.fromtimestamp(now, timezone.utc), queue_id,
+        final = self._decide(who, found, datetime.fromtimestamp(now, UTC), queue_id,
                              notes)
         headers = tuple((h, X.format_value(h, final[h], self.limits)) for h in X.HEADERS
                         if h in final)
@@ -251,7 +251,7 @@ class XHeaderPolicy:
 
     def _generate(self, final: dict[X.HeaderSpec, Any], who: Submitter, now: datetime,
                   queue_id: str, notes: list[str]) -> None:
-        local = now.astimezone(self.limits.local_time_zone or timezone.utc)
+        local = now.astimezone(self.limits.local_time_zone or UTC)
         fields = {"user": who.name, "date": local.strftime("%Y%m%d"),
                   "time": local.strftime("%H%M%S"), "queue_id": queue_id}
         for header, template, unsafe, limit in (

@@ -40,7 +40,7 @@ import email.utils
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone, tzinfo
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 
 from gateway import options as O
 
@@ -191,7 +191,7 @@ def _iso_time(text: str) -> datetime:
         if zone is None:
             return when
         if zone.upper() == "Z":
-            return when.replace(tzinfo=timezone.utc)
+            return when.replace(tzinfo=UTC)
         sign = 1 if zone[0] == "+" else -1
         digits = zone[1:].replace(":", "")
         offset = timedelta(hours=int(digits[:2]), minutes=int(digits[2:]))
