@@ -10,8 +10,8 @@ import pytest
 
 from gateway import xheaders as X
 from gateway.config_values import ConfigError, Context
-from gateway.options_config import parse_options
 from gateway.optionpolicy import Submitter, XHeaderPolicy
+from gateway.options_config import parse_options
 from gateway.reply import ReplyError
 
 NOW = datetime(2026, 12, 4, 1, 0, tzinfo=UTC).timestamp()  # 09:00 in Taipei
@@ -258,3 +258,19 @@ def test_config_errors(options: dict, path: str, text: str) -> None:
     with pytest.raises(ConfigError) as info:
         policy(**options)
     assert info.value.path == path and text in info.value.message, str(info.value)
+
+
+def test_groups_come_from_the_users_file_through_the_principal(tmp_path: Path) -> None:
+    from gateway.auth import Principal, SenderPolicy
+    from gateway.auth_file import FileChecker, load_users, set_user
+
+    set_user(tmp_path / "u.toml", "alice", "pw", ["*"], ["bulk", "ops"])
+    set_user(tmp_path / "u.toml", "alice", "pw2")  # keeps senders and groups
+    record = load_users(tmp_path / "u.toml")["alice"]
+    assert record.groups == ("bulk", "ops")
+    identity = FileChecker._decide(True, record)
+    principal = Principal(identity.account, "file", True, SenderPolicy(("*",)),
+                          identity.attributes)
+    assert Submitter.from_session(principal, "10.0.0.1") == Submitter("alice", True,
+                                                                      ("bulk", "ops"))
+    assert Submitter.from_session(None, "10.0.0.1") == Submitter("10.0.0.1", False)

@@ -12,7 +12,9 @@ prints the control headers that would be sent, and why; exit 1 if it would be re
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+from collections.abc import Callable
 from typing import Any
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -55,11 +57,27 @@ def _family(name: str) -> Any:
         raise _usage(str(e)) from None
 
 
+class _BadArgument(Exception):
+    """A bad family name or number: exit status 2, like argparse's own usage errors."""
+
+
 def _usage(message: str) -> Exception:
-    from gateway.cli import UsageError
-    return UsageError(message)
+    return _BadArgument(message)
 
 
+def _usage_errors(handler: Callable[[argparse.Namespace], int]
+                  ) -> Callable[[argparse.Namespace], int]:
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except _BadArgument as e:
+            print(f"itpison-gateway options {args.operation}: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+    return run
+
+
+@_usage_errors
 def decode(args: argparse.Namespace) -> int:
     from gateway import options as O
     family = _family(args.family)
@@ -90,6 +108,7 @@ def decode(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@_usage_errors
 def encode(args: argparse.Namespace) -> int:
     from gateway import options as O
     family = _family(args.family)
@@ -106,6 +125,7 @@ def encode(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@_usage_errors
 def list_catalog(args: argparse.Namespace) -> int:
     from gateway import options as O
     families = [_family(args.family)] if args.family else list(O.FAMILIES.values())
