@@ -47,7 +47,7 @@ from gateway import options as O
 INT32_MAX = 0x7FFFFFFF
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # one instance per header: identity hash, cheap
 class HeaderSpec:
     name: str  # X-LinkOption
     key: str  # link_option (config)
