@@ -216,3 +216,59 @@ def test_passwd_on_a_terminal_must_match(tmp_path: Path) -> None:
     code, _, err = run_on_tty(["passwd", users, "alice"], [b"one", b"two"])
     assert code == 1 and "do not match" in err
     assert not users.exists()
+
+
+# --- options ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,code,out", [
+    (["decode", "X-LinkOption", "192"], 0,
+     "64\tNotTrackOpen\tcLKNotTrackOpenMask\n128\tNotTrackAllLink\tcLKNotTrackAllLinkMask\n"),
+    (["decode", "x-listoption", "65536"], 0,
+     "65536\tBypassAllListProcessFilter\tcLTBypassAllListProcessFilter\n"),
+    (["decode", "X-SendOption", "3"], 0, "3\tSendSubListOnly\tcSDSendSubListOnly\n"),
+    (["decode", "X-LinkOption", "32832"], 1, "64\tNotTrackOpen\tcLKNotTrackOpenMask\n"),
+    (["encode", "X-LinkOption", "NotTrackOpen", "NotTrackAllLink"], 0, "192\n"),
+    (["encode", "X-LinkOption", "cLKNotTrackOpenMask", "128"], 0, "192\n"),
+    (["encode", "X-SendOption", "sendbothlist"], 0, "4\n"),
+    (["encode", "X-LinkOption", "NotTrackOpn"], 1, ""),
+])
+def test_options_decode_encode(args: list[str], code: int, out: str) -> None:
+    r = run("options", *args)
+    assert (r.returncode, r.stdout) == (code, out), r
+
+
+def test_options_unknown_family_is_a_usage_error() -> None:
+    r = run("options", "decode", "X-Colour", "1")
+    assert r.returncode == 2 and "unknown option family" in r.stderr
+
+
+def test_options_explain(tmp_path: Path) -> None:
+    set_user(tmp_path / "users.toml", "alice", "pw", ["*"], ["bulk"])
+    config = tmp_path / "gw.toml"
+    config.write_text(f"""\
+[[listeners]]
+endpoint = "tcp:2525"
+mode = "smtp"
+[[smarthosts]]
+host = "smtp.example.test"
+[auth]
+users_file = "{tmp_path / 'users.toml'}"
+[options.defaults]
+link_option = ["NotTrackOpen", "NotTrackAllLink"]
+[options.deny]
+list_option = ["BypassAllListProcessFilter"]
+[options.groups.bulk]
+allow = {{ list_option = 65536 }}
+""")
+    eml = tmp_path / "m.eml"
+    eml.write_bytes(b"From: a@b\nX-ListOption: 65536\n\nhi\n")
+    r = run("options", "explain", "--config", config, "--user", "alice", eml)
+    assert r.returncode == 0, r
+    assert r.stdout.splitlines() == [
+        "as user alice (groups: bulk)",
+        "  X-ListOption: 65536 (BypassAllListProcessFilter) from the message",
+        "  X-LinkOption: 192 (NotTrackOpen|NotTrackAllLink) default from global",
+        "sent:", "  X-ListOption: 65536", "  X-LinkOption: 192"]
+    r = run("options", "explain", "--config", config, "--user", "bob", eml)
+    assert (r.returncode, r.stdout.splitlines()[-1]) == (
+        1, "refused: 550 5.7.1 X-ListOption: bits 65536 not permitted")

@@ -612,7 +612,8 @@ def test_describe_gives_one_line_per_section(tmp_path: Path, server_cert) -> Non
                         " failure_window=5m")
     assert lines[7].startswith("limits: max_message_size=36700160 (35M) max_recipients=1000")
     assert lines[8] == "queue: max_lifetime=5d retry_min=1m retry_max=1h concurrency=20"
-    assert len(lines) == 9
+    assert lines[9].startswith("options: forbidden=refuse local_time_zone=- time_format=iso8601")
+    assert len(lines) == 10
     config = parse(BASE + section("tls", certificate=str(server_cert.cert),
                                   private_key=str(server_cert.key)))
     assert describe(config)[0] == "config: embedded default"
@@ -625,17 +626,24 @@ def test_describe_gives_one_line_per_section(tmp_path: Path, server_cert) -> Non
 SECTION_CLASSES = {"gateway": C.GatewaySection, "tls": C.TLSSection,
                    "listeners": C.ListenerSection, "relay": C.RelaySection,
                    "smarthosts": C.SmarthostSection, "auth": C.AuthSection,
-                   "limits": C.LimitsSection, "queue": C.QueueSection}
+                   "limits": C.LimitsSection, "queue": C.QueueSection,
+                   "options": C.OptionsSection}
 NOT_IN_TOML = {("smarthosts", "password")}
 
 
 def etc_keys() -> list[tuple[str, str, str, bool]]:
-    """(section, key, value text, commented?) for every ``key = value`` line of the file."""
-    keys, current = [], ""
+    """(section, key, value text, commented?) for every ``key = value`` line of the file.
+
+    A sub-table (``[options.defaults]``) counts as its section's key ``defaults``; the
+    keys inside it are data (header names), not fields.
+    """
+    keys, current, nested = [], "", False
     for line in ETC_FILE.read_text().splitlines():
-        if header := re.fullmatch(r"\[\[?(\w+)\]\]?", line):
-            current = header.group(1)
-        elif match := re.fullmatch(r"(# ?)?(\w+) = (.+)", line):
+        if header := re.fullmatch(r"\[\[?(\w+)((?:\.\w+)*)\]\]?", line):
+            current, nested = header.group(1), bool(header.group(2))
+            if nested:
+                keys.append((current, header.group(2).split(".")[1], "<table>", False))
+        elif (match := re.fullmatch(r"(# ?)?(\w+) = (.+)", line)) and not nested:
             keys.append((current, match.group(2), match.group(3), bool(match.group(1))))
     return keys
 

@@ -6,6 +6,7 @@ Format::
     [users."alice"]
     password = "$argon2id$v=19$m=65536,t=3,p=4$..."   # argon2id (default) or bcrypt ($2b$...)
     senders = ["alice@example.com", "@sales.example.com"]
+    groups = ["marketing"]       # optional: [options.groups.*] that apply to the user
 
 ``set_user`` rewrites the whole file (atomically), so comments in it are not preserved.
 """
@@ -43,7 +44,7 @@ log = Logger(namespace="gateway.auth.file")
 
 HEADER = "# itpison-gateway users file: managed with `itpison-gateway passwd`\n"
 NEW_FILE_MODE = 0o640
-_USER_KEYS = {"password", "senders"}
+_USER_KEYS = {"password", "senders", "groups"}
 _BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
 _SCHEME_RE = re.compile(r"\$([A-Za-z0-9-]{1,20})\$")
 _hasher = argon2.PasswordHasher()
@@ -64,6 +65,7 @@ class UserRecord:
     name: str
     password_hash: str = field(repr=False)
     senders: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
 
 
 def check_username(name: object) -> str:
@@ -115,7 +117,10 @@ def _user_record(path: str | Path, name: str, entry: Any) -> UserRecord:
         policy = SenderPolicy.parse(senders)
     except ValueError as e:
         raise UsersFileError(path, f"{where}.senders: {e}") from None
-    return UserRecord(name, password, policy.patterns)
+    groups = entry.get("groups", [])
+    if not isinstance(groups, list) or not all(isinstance(g, str) and g for g in groups):
+        raise UsersFileError(path, f"{where}.groups: must be a list of group names")
+    return UserRecord(name, password, policy.patterns, tuple(groups))
 
 
 def hash_password(password: str) -> str:
@@ -227,7 +232,8 @@ class FileChecker:
             raise UnauthorizedLogin("unknown user")
         if not ok:
             raise UnauthorizedLogin("bad password")
-        return Identity(record.name, "file", record.senders)
+        attributes = {"groups": record.groups} if record.groups else {}
+        return Identity(record.name, "file", record.senders, attributes)
 
 
 def _text(value: str | bytes) -> str | None:
@@ -240,10 +246,12 @@ def _text(value: str | bytes) -> str | None:
 
 
 def set_user(path: str | Path, user: str, password: str,
-             senders: Iterable[str] | None = None) -> None:
+             senders: Iterable[str] | None = None,
+             groups: Iterable[str] | None = None) -> None:
     """Add a user or change one, keeping the others (and their order).
 
-    ``senders=None`` keeps an existing user's senders (none for a new user).  The file is
+    ``senders=None`` keeps an existing user's senders (none for a new user); the same for
+    ``groups``.  The file is
     written atomically: a temporary file in the same directory, fsync, rename, fsync of the
     directory; a new file gets mode 0640, an existing one keeps its mode and, where
     permitted, its owner and group.  Concurrent ``set_user`` calls are serialised by a lock
@@ -265,7 +273,8 @@ def set_user(path: str | Path, user: str, password: str,
         users = load_users(path) if existing is not None else {}
         old = users.get(user)
         patterns = policy.patterns if policy is not None else (old.senders if old else ())
-        users[user] = UserRecord(user, hash_password(password), patterns)
+        kept = tuple(groups) if groups is not None else (old.groups if old else ())
+        users[user] = UserRecord(user, hash_password(password), patterns, kept)
         _replace_file(path, format_users(users.values()), existing)
         os.fsync(dir_fd)
     finally:
@@ -280,6 +289,8 @@ def format_users(records: Iterable[UserRecord]) -> str:
         blocks.append(f"\n[users.{_toml_string(record.name)}]\n"
                       f"password = {_toml_string(record.password_hash)}\n"
                       f"senders = [{senders}]\n")
+        if record.groups:
+            blocks.append(f"groups = [{', '.join(_toml_string(g) for g in record.groups)}]\n")
     return "".join(blocks)
 
 

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from gateway import __version__
+from gateway import __version__, options_cli
 
 Subparsers = Any  # argparse's _SubParsersAction is private
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -73,6 +73,9 @@ def _register_passwd(sub: Subparsers) -> None:
     p.add_argument("--sender", dest="senders", action="append", metavar="ADDR_OR_@DOMAIN_OR_*",
                    help="an envelope sender USER may use (repeatable); replaces the "
                         "user's list, which is kept when no --sender is given")
+    p.add_argument("--group", dest="groups", action="append", metavar="GROUP",
+                   help="an [options.groups.GROUP] the user belongs to (repeatable); "
+                        "replaces the user's groups, which are kept when none is given")
     p.set_defaults(handler=passwd)
 
 
@@ -88,7 +91,7 @@ def passwd(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     try:
         password = _read_password()
-        set_user(args.users_file, args.user, password, args.senders)
+        set_user(args.users_file, args.user, password, args.senders, args.groups)
         senders = load_users(args.users_file)[args.user].senders
     except (ValueError, UsersFileError) as e:
         print(f"itpison-gateway passwd: {e}", file=sys.stderr)
@@ -122,7 +125,7 @@ def _register_queue(sub: Subparsers) -> None:
 
 
 COMMANDS: list[Callable[[Subparsers], None]] = [_register_check_config, _register_passwd,
-                                               _register_queue]
+                                               _register_queue, options_cli.register]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,10 +32,12 @@ from typing import Any
 
 from gateway import config_values as v
 from gateway.config_values import ConfigError, Context
+from gateway.options_config import OptionsSection, parse_options
 
 __all__ = [
     "AuthSection", "Config", "ConfigError", "DEFAULT_TOML", "GatewaySection", "LimitsSection",
-    "ListenerSection", "QueueSection", "RelaySection", "SmarthostFallback", "SmarthostSection", "TLSSection",
+    "ListenerSection", "OptionsSection", "QueueSection", "RelaySection", "SmarthostFallback",
+    "SmarthostSection", "TLSSection",
     "default_config", "describe", "load_config", "parse_config",
 ]
 
@@ -178,6 +180,7 @@ class Config:
     auth: AuthSection
     limits: LimitsSection
     queue: QueueSection
+    options: OptionsSection = field(default_factory=OptionsSection)  # X-Header control
     source: Path | None = None  # the file it came from; None for the embedded default
 
 
@@ -250,6 +253,7 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path,
         auth=AuthSection(**_table(data.get("auth", {}), "auth", _AUTH_KEYS, ctx)),
         limits=_limits(data.get("limits", {}), ctx),
         queue=_queue(data.get("queue", {}), ctx),
+        options=parse_options(data.get("options", {}), ctx),
         source=source,
     )
 
@@ -267,15 +271,31 @@ def describe(config: Config) -> list[str]:
         password = "<set>" if host.password is not None else "-"
         lines.append(_line(f"smarthosts[{i}]", host) + f" password={password}")
     lines += [_line("auth", config.auth), _line("limits", config.limits),
-              _line("queue", config.queue)]
+              _line("queue", config.queue), _options_line(config.options)]
     return lines
+
+
+def _options_line(options: OptionsSection) -> str:
+    parts = []
+    for f in fields(options):
+        value = getattr(options, f.name)
+        if isinstance(value, Mapping):
+            value = ",".join(k if not isinstance(x, str | int | frozenset) else
+                             f"{k}={'+'.join(map(str, sorted(x)))}" if isinstance(x, frozenset)
+                             else f"{k}={str(x).lower() if isinstance(x, bool) else x}"
+                             for k, x in value.items()) or "-"
+        elif not isinstance(value, str | int | float | type(None)):
+            value = "<set>" if value != f.default_factory() else "-"  # type: ignore[misc]
+        parts.append(f"{f.name}={_value_text(f.name, value, str(f.type))}")
+    return "options: " + " ".join(parts)
 
 
 # --- sections -------------------------------------------------------------------------------
 
 # section name -> is it an array of tables ([[name]])?
 _SECTIONS = {"gateway": False, "tls": False, "listeners": True, "relay": False,
-             "smarthosts": True, "auth": False, "limits": False, "queue": False}
+             "smarthosts": True, "auth": False, "limits": False, "queue": False,
+             "options": False}
 _GATEWAY_KEYS: dict[str, v.Convert] = {"hostname": v.dns_name, "state_dir": v.file_path}
 _TLS_KEYS: dict[str, v.Convert] = {"certificate": v.file_path, "private_key": v.file_path}
 _LISTENER_KEYS: dict[str, v.Convert] = {

@@ -19,6 +19,7 @@ from gateway import reply as R
 from gateway.auth import AuthThrottle
 from gateway.config import Config, LimitsSection, ListenerSection
 from gateway.envelope import Envelope
+from gateway.optionpolicy import XHeaderPolicy
 from gateway.reply import Reply
 
 
@@ -81,3 +82,4 @@ class ListenerContext:
     throttle: AuthThrottle
     connections: ConnectionCounter
     sessions: set[Any] = field(default_factory=set)  # live sessions, for a graceful stop
+    options: XHeaderPolicy | None = None  # the X-Header policy; None: headers pass untouched

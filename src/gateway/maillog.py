@@ -40,6 +40,12 @@ def rejected(session: str, client_ip: str, stage: str, reply: str, reason: str) 
              session=session, client_ip=client_ip, stage=stage, reply=reply, reason=reason)
 
 
+def options_applied(queue_id: str, session: str, user: str, notes: tuple[str, ...]) -> None:
+    """What the X-Header policy did to a message (defaults, forcing, stripping)."""
+    log.info("{queue_id} options user={user}: {summary}", event="options", queue_id=queue_id,
+             session=session, user=user, notes=list(notes), summary="; ".join(notes))
+
+
 def queued(queue_id: str, session: str, sender: str, recipients: int, size: int,
            user: str | None) -> None:
     log.info("{queue_id} queued from=<{sender}> nrcpt={recipients} size={size} user={user}",

@@ -93,6 +93,7 @@ TOO_MANY_FROM_IP = Reply(421, "4.7.0", "Too many connections from your address, 
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection", disconnect=True)
 TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many failed authentication attempts, try again later", disconnect=True)
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
+OPTION_DEFAULTS_BROKEN = Reply(451, "4.3.5", "Option defaults for this account are misconfigured, try again later")
 SPOOL_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 AUTH_UNAVAILABLE = Reply(454, "4.7.0", "Temporary authentication failure, try again later")
@@ -129,6 +130,9 @@ NON_ASCII_ADDRESS = Reply(553, "5.6.7", "Non-ASCII addresses are not supported (
 UNKNOWN_PARAMETER = Reply(555, "5.5.4", "Unsupported MAIL/RCPT parameter")
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
 BAD_MESSAGE_HEADER = Reply(550, "5.6.0", "Malformed message header")
+# ITPison control headers; the text is replaced by "<header>: <reason>"
+BAD_CONTROL_HEADER = Reply(550, "5.6.0", "Invalid ITPison control header")
+FORBIDDEN_CONTROL_HEADER = Reply(550, "5.7.1", "ITPison control header not permitted")
 UNSUPPORTED_BODY = Reply(555, "5.5.4", "Unsupported BODY type")
 SMTPUTF8_UNSUPPORTED = Reply(555, "5.6.7", "SMTPUTF8 is not supported by this server")
 SIZE_SYNTAX = Reply(501, "5.5.4", "Bad SIZE parameter")

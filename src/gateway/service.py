@@ -27,6 +27,7 @@ from gateway.config import Config, ListenerSection, describe
 from gateway.control import ControlService, QueueControl
 from gateway.envelope import Envelope
 from gateway.listener import ConnectionCounter, ListenerContext, ListenerSettings
+from gateway.optionpolicy import XHeaderPolicy
 from gateway.relay import SmarthostRelay
 from gateway.reply import ReplyError
 from gateway.scheduler import Scheduler
@@ -87,6 +88,7 @@ class GatewayService(service.MultiService):
                                              config.limits.max_connections_per_ip)
         self.throttle = AuthThrottle(config.auth.max_failures, config.auth.failure_window, reactor)
         self.portal = self._portal()
+        self.options = XHeaderPolicy(config.options)
 
     def _portal(self) -> Portal | None:
         checkers = []
@@ -112,7 +114,8 @@ class GatewayService(service.MultiService):
                 settings=ListenerSettings.from_config(listener, self.config),
                 clock=self.reactor, portal=self.portal,
                 starttls_creator=None if listener.mode == "smtps" else creator,
-                sink=self.sink, throttle=self.throttle, connections=self.connections)
+                sink=self.sink, throttle=self.throttle, connections=self.connections,
+                options=self.options)
             self.contexts.append(context)
             factory: Any = GatewaySMTPFactory(context)
             if listener.mode == "smtps":

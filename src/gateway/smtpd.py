@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from twisted.cred.credentials import UsernamePassword
@@ -35,6 +36,7 @@ from gateway.data import Body, BodyReader
 from gateway.envelope import Address, Envelope, new_queue_id, parse_path_and_params
 from gateway.listener import ListenerContext
 from gateway.message import header_block, parse_headers, received_header
+from gateway.optionpolicy import Submitter
 from gateway.reply import Reply, ReplyError
 from gateway.smtpauth import Credentials, Exchange, exchange_for
 from gateway.tls import describe_tls
@@ -485,11 +487,32 @@ class GatewaySMTP(smtp.ESMTP):
             maillog.rejected(self.session, self.client_ip, "DATA", str(refusal),
                              f"From: not owned by {self.principal.name if self.principal else '-'}")
             return refusal
-        return self._commit(sender, recipients, result)
-
-    def _commit(self, sender: Address, recipients: list[str], body: Body) -> Deferred[Reply | None]:
         now = self.clock.seconds()
         qid = new_queue_id(now)
+        body = self._control_headers(result, now, qid)
+        if isinstance(body, Reply):
+            return body
+        return self._commit(sender, recipients, body, now, qid)
+
+    def _control_headers(self, body: Body, now: float, qid: str) -> Body | Reply:
+        """The ITPison X-Headers checked and rewritten (optionpolicy), or the refusal."""
+        if self.context.options is None:
+            return body
+        who = Submitter.from_session(self.principal, self.client_ip)
+        try:
+            outcome = self.context.options.apply(who, body.data, now, qid)
+        except ReplyError as e:
+            maillog.rejected(self.session, self.client_ip, "DATA", str(e.reply), e.reason)
+            return e.reply
+        except Exception:
+            log.failure("{session} option headers", session=self.session)
+            return R.LOCAL_ERROR  # unknown errors are temporary
+        if outcome.notes:
+            maillog.options_applied(qid, self.session, who.name, outcome.notes)
+        return replace(body, data=outcome.message)
+
+    def _commit(self, sender: Address, recipients: list[str], body: Body, now: float,
+                qid: str) -> Deferred[Reply | None]:
         protocol = ("ESMTP" if self.esmtp else "SMTP") + ("S" if self.tls_active else "")
         if self.principal is not None and self.principal.authenticated:
             protocol += "A"
