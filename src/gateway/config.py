@@ -31,11 +31,18 @@ from pathlib import Path
 from typing import Any
 
 from gateway import config_values as v
+from gateway.config_ratelimit import (
+    RateLimitSection,
+    RateOverrideSection,
+    RateRuleSection,
+    parse_ratelimit,
+)
 from gateway.config_values import ConfigError, Context
 
 __all__ = [
     "AuthSection", "Config", "ConfigError", "DEFAULT_TOML", "GatewaySection", "LimitsSection",
-    "ListenerSection", "QueueSection", "RelaySection", "SmarthostSection", "TLSSection",
+    "ListenerSection", "QueueSection", "RateLimitSection", "RateOverrideSection",
+    "RateRuleSection", "RelaySection", "SmarthostSection", "TLSSection",
     "default_config", "describe", "load_config", "parse_config",
 ]
 
@@ -155,6 +162,7 @@ class Config:
     auth: AuthSection
     limits: LimitsSection
     queue: QueueSection
+    ratelimit: RateLimitSection = RateLimitSection()
     source: Path | None = None  # the file it came from; None for the embedded default
 
 
@@ -225,6 +233,7 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path,
         auth=AuthSection(**_table(data.get("auth", {}), "auth", _AUTH_KEYS, ctx)),
         limits=_limits(data.get("limits", {}), ctx),
         queue=_queue(data.get("queue", {}), ctx),
+        ratelimit=parse_ratelimit(data.get("ratelimit", {}), ctx, _table),
         source=source,
     )
 
@@ -243,6 +252,7 @@ def describe(config: Config) -> list[str]:
         lines.append(_line(f"smarthosts[{i}]", host) + f" password={password}")
     lines += [_line("auth", config.auth), _line("limits", config.limits),
               _line("queue", config.queue)]
+    lines.append(_ratelimit_line(config.ratelimit))
     return lines
 
 
@@ -250,7 +260,8 @@ def describe(config: Config) -> list[str]:
 
 # section name -> is it an array of tables ([[name]])?
 _SECTIONS = {"gateway": False, "tls": False, "listeners": True, "relay": False,
-             "smarthosts": True, "auth": False, "limits": False, "queue": False}
+             "smarthosts": True, "auth": False, "limits": False, "queue": False,
+             "ratelimit": False}
 _GATEWAY_KEYS: dict[str, v.Convert] = {"hostname": v.dns_name, "state_dir": v.file_path}
 _TLS_KEYS: dict[str, v.Convert] = {"certificate": v.file_path, "private_key": v.file_path}
 _LISTENER_KEYS: dict[str, v.Convert] = {
@@ -459,6 +470,19 @@ def _value_text(name: str, value: Any, type_name: str) -> str:
     if name == "max_message_size":
         return f"{value} ({value / 1024**2:g}M)"
     return str(value)
+
+
+def _ratelimit_line(rl: RateLimitSection) -> str:
+    store = f"redis={rl.redis} fail_mode={rl.fail_mode}" if rl.redis else "in-process"
+    rules = [f"{r.dimension}/{r.key}={r.limit}"
+             + (f"/{v.duration_text(r.window)}" if r.window else "") for r in rl.rules]
+    out = []
+    if rl.outbound_messages_per_second:
+        out.append(f"{rl.outbound_messages_per_second:g}/s")
+    if rl.outbound_connections:
+        out.append(f"{rl.outbound_connections} connections")
+    return (f"ratelimit: {store} rules={','.join(rules) or '-'}"
+            f" overrides={len(rl.overrides)} outbound={','.join(out) or '-'}")
 
 
 def _line(label: str, section: Any) -> str:

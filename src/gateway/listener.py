@@ -19,6 +19,7 @@ from gateway import reply as R
 from gateway.auth import AuthThrottle
 from gateway.config import Config, LimitsSection, ListenerSection
 from gateway.envelope import Envelope
+from gateway.ratelimit import RateLimiter
 from gateway.reply import Reply
 
 
@@ -80,4 +81,5 @@ class ListenerContext:
     sink: MessageSink
     throttle: AuthThrottle
     connections: ConnectionCounter
+    limiter: RateLimiter | None = None  # None: no rate limits at all (tests)
     sessions: set[Any] = field(default_factory=set)  # live sessions, for a graceful stop

@@ -26,6 +26,9 @@ from gateway.auth_file import FileChecker
 from gateway.config import Config, ListenerSection, describe
 from gateway.envelope import Envelope
 from gateway.listener import ConnectionCounter, ListenerContext, ListenerSettings
+from gateway.ratelimit import LimitStore, RateLimiter
+from gateway.ratelimit_local import LocalStore
+from gateway.ratelimit_redis import RedisStore
 from gateway.relay import SmarthostRelay
 from gateway.reply import ReplyError
 from gateway.scheduler import Scheduler
@@ -59,6 +62,15 @@ class QueueSink:
         return d.addCallbacks(durable, failed)
 
 
+def _limit_store(config: Config, reactor: Any) -> LimitStore:
+    """Redis when ``[ratelimit] redis`` is set (with the in-process store as its fail-open
+    fallback), else the in-process store."""
+    local = LocalStore(reactor)
+    if config.ratelimit.redis is None:
+        return local
+    return RedisStore(config.ratelimit, reactor, local)
+
+
 class GatewayService(service.MultiService):
     """Listeners, spool, scheduler and relay for one Config."""
 
@@ -72,13 +84,16 @@ class GatewayService(service.MultiService):
         self.auth_pool = ThreadPool(minthreads=1, maxthreads=4, name="auth")
         self.spool = Spool(config.gateway.state_dir / "spool", reactor, self.spool_pool)
         self.relay = SmarthostRelay(config.smarthosts, config.relay, config.gateway.hostname, reactor)
+        self.limiter = RateLimiter(config.ratelimit, _limit_store(config, reactor), reactor)
+        self.limiter.setServiceParent(self)
         self.scheduler = Scheduler(self.spool, self.relay, config.queue, config.gateway.hostname,
-                                   reactor)
+                                   reactor, outbound=self.limiter)
         self.scheduler.setServiceParent(self)
         self.sink = QueueSink(self.spool, self.scheduler)
         self.connections = ConnectionCounter(config.limits.max_connections,
                                              config.limits.max_connections_per_ip)
-        self.throttle = AuthThrottle(config.auth.max_failures, config.auth.failure_window, reactor)
+        self.throttle = AuthThrottle(config.auth.max_failures, config.auth.failure_window,
+                                     store=self.limiter.store)
         self.portal = self._portal()
 
     def _portal(self) -> Portal | None:
@@ -105,7 +120,8 @@ class GatewayService(service.MultiService):
                 settings=ListenerSettings.from_config(listener, self.config),
                 clock=self.reactor, portal=self.portal,
                 starttls_creator=None if listener.mode == "smtps" else creator,
-                sink=self.sink, throttle=self.throttle, connections=self.connections)
+                sink=self.sink, throttle=self.throttle, connections=self.connections,
+                limiter=self.limiter)
             self.contexts.append(context)
             factory: Any = GatewaySMTPFactory(context)
             if listener.mode == "smtps":
