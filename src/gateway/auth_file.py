@@ -6,6 +6,7 @@ Format::
     [users."alice"]
     password = "$argon2id$v=19$m=65536,t=3,p=4$..."   # argon2id (default) or bcrypt ($2b$...)
     senders = ["alice@example.com", "@sales.example.com"]
+    class = "bulk"          # optional: the rate-limit class ([[ratelimit.overrides]])
 
 ``set_user`` rewrites the whole file (atomically), so comments in it are not preserved.
 """
@@ -43,7 +44,7 @@ log = Logger(namespace="gateway.auth.file")
 
 HEADER = "# itpison-gateway users file: managed with `itpison-gateway passwd`\n"
 NEW_FILE_MODE = 0o640
-_USER_KEYS = {"password", "senders"}
+_USER_KEYS = {"password", "senders", "class"}
 _BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
 _SCHEME_RE = re.compile(r"\$([A-Za-z0-9-]{1,20})\$")
 _hasher = argon2.PasswordHasher()
@@ -64,6 +65,7 @@ class UserRecord:
     name: str
     password_hash: str = field(repr=False)
     senders: tuple[str, ...] = ()
+    user_class: str | None = None
 
 
 def check_username(name: object) -> str:
@@ -115,7 +117,10 @@ def _user_record(path: str | Path, name: str, entry: Any) -> UserRecord:
         policy = SenderPolicy.parse(senders)
     except ValueError as e:
         raise UsersFileError(path, f"{where}.senders: {e}") from None
-    return UserRecord(name, password, policy.patterns)
+    user_class = entry.get("class")
+    if user_class is not None and (not isinstance(user_class, str) or not user_class.strip()):
+        raise UsersFileError(path, f"{where}.class: must be a non-empty string")
+    return UserRecord(name, password, policy.patterns, user_class)
 
 
 def hash_password(password: str) -> str:
@@ -227,7 +232,8 @@ class FileChecker:
             raise UnauthorizedLogin("unknown user")
         if not ok:
             raise UnauthorizedLogin("bad password")
-        return Identity(record.name, "file", record.senders)
+        attributes = {"class": record.user_class} if record.user_class else {}
+        return Identity(record.name, "file", record.senders, attributes)
 
 
 def _text(value: str | bytes) -> str | None:
@@ -265,7 +271,8 @@ def set_user(path: str | Path, user: str, password: str,
         users = load_users(path) if existing is not None else {}
         old = users.get(user)
         patterns = policy.patterns if policy is not None else (old.senders if old else ())
-        users[user] = UserRecord(user, hash_password(password), patterns)
+        users[user] = UserRecord(user, hash_password(password), patterns,
+                                 old.user_class if old else None)
         _replace_file(path, format_users(users.values()), existing)
         os.fsync(dir_fd)
     finally:
@@ -279,7 +286,9 @@ def format_users(records: Iterable[UserRecord]) -> str:
         senders = ", ".join(_toml_string(s) for s in record.senders)
         blocks.append(f"\n[users.{_toml_string(record.name)}]\n"
                       f"password = {_toml_string(record.password_hash)}\n"
-                      f"senders = [{senders}]\n")
+                      f"senders = [{senders}]\n"
+                      + (f"class = {_toml_string(record.user_class)}\n"
+                         if record.user_class else ""))
     return "".join(blocks)
 
 

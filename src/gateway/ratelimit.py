@@ -288,32 +288,35 @@ class RateLimiter(service.Service):
         slots = (Slot("out:connections", s.outbound_connections),) \
             if s.outbound_connections else ()
         holder = self._holder()
+        rate = s.outbound_messages_per_second
 
-        def rate_ok(answer: RateAnswer) -> Deferred[Permit] | Permit:
-            if answer.refused is not None:
-                return Permit(False, answer.retry_after)
-            if not slots:
-                return Permit(True)
-            return self.store.acquire(slots, holder).addCallback(leased)
-
-        def leased(answer: RateAnswer) -> Permit:
+        def leased(answer: RateAnswer) -> Deferred[Permit] | Permit:
             if answer.refused is not None:
                 return Permit(False, 1.0)
             lease = Lease(slots, holder, self)
             self._leases[holder] = lease
+            if not rate:
+                return Permit(True, lease=lease)
+            d = self.store.take([Bucket("out:messages", rate, 1.0, 1)])
+            return d.addCallback(rated, lease).addErrback(give_back, lease)
+
+        def rated(answer: RateAnswer, lease: Lease) -> Permit:
+            if answer.refused is not None:
+                lease.release()  # the connection place goes back; the rate charged nothing
+                return Permit(False, answer.retry_after)
             return Permit(True, lease=lease)
+
+        def give_back(failure: Any, lease: Lease) -> Any:
+            lease.release()
+            return failure
 
         def unavailable(failure: Any) -> Permit:
             failure.trap(LimiterUnavailable)
             self.stats["unavailable"] += 1
             return Permit(False, 5.0)
 
-        if s.outbound_messages_per_second:
-            rate = s.outbound_messages_per_second
-            d = self.store.take([Bucket("out:messages", rate, 1.0, 1)])
-        else:
-            d = defer.succeed(RateAnswer())
-        return d.addCallback(rate_ok).addErrback(unavailable)
+        d = self.store.acquire(slots, holder) if slots else defer.succeed(RateAnswer())
+        return d.addCallback(leased).addErrback(unavailable)
 
     # --- internals ----------------------------------------------------------------------
     def limit_for(self, rule: RateRuleSection, subject: Subject) -> int:
