@@ -26,3 +26,14 @@ def test_ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
 def server_cert(test_ca: TestCA):
     """A certificate valid for localhost, 127.0.0.1 and ::1 (the gateway's listeners)."""
     return test_ca.issue("gateway", "localhost", "127.0.0.1", "::1", "gw.example.test")
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real redis-server on a free port (``.url``, ``.kill()``, ``.start()``,
+    ``.freeze()``, ``.thaw()``), stopped after the test."""
+    from redisrig import RedisServer
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.kill()
