@@ -3,7 +3,6 @@ Redis, windows on Redis's clock, and Redis killed, restarted and frozen mid-test
 
 from __future__ import annotations
 
-import smtplib
 import time
 from pathlib import Path
 
@@ -12,12 +11,12 @@ import pytest_twisted
 from twisted.internet import reactor, task, threads
 
 from fakesmarthost import FakeSmarthost
-from gatewayrig import smarthost_entry, start_gateway
 from gateway.auth import AuthThrottle
 from gateway.config import parse_config
 from gateway.ratelimit import Bucket, Slot
 from gateway.ratelimit_local import LocalStore
 from gateway.ratelimit_redis import RedisStore
+from gatewayrig import smarthost_entry, start_gateway
 
 ALICE = ("alice-pw-1", ["alice@example.com"])
 
