@@ -29,6 +29,17 @@ def server_cert(test_ca: TestCA):
 
 
 @pytest.fixture
+def redis_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real redis-server on a free port (``.url``, ``.kill()``, ``.start()``,
+    ``.freeze()``, ``.thaw()``), stopped after the test."""
+    from redisrig import RedisServer
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
 def pool():
     """A started thread pool for spool I/O, stopped after the test."""
     from twisted.python.threadpool import ThreadPool

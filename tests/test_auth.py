@@ -205,58 +205,66 @@ async def test_chain_waits_for_slow_checkers() -> None:
 
 # --- throttle ---------------------------------------------------------------------------
 
+def now(d):
+    """The result of a Deferred that the in-process store has already fired."""
+    out = []
+    d.addBoth(out.append)
+    assert out, "the in-process store answers at once"
+    return out[0]
+
+
 def test_throttle_blocks_after_max_failures_within_window() -> None:
     clock = task.Clock()
     t = AuthThrottle(max_failures=3, window=60, clock=clock)
-    assert not t.blocked("192.0.2.1")
-    assert t.record_failure("192.0.2.1") == 1
+    assert not now(t.blocked("192.0.2.1"))
+    assert now(t.record_failure("192.0.2.1")) == 1
     clock.advance(10)
-    assert t.record_failure("192.0.2.1") == 2
-    assert not t.blocked("192.0.2.1")
+    assert now(t.record_failure("192.0.2.1")) == 2
+    assert not now(t.blocked("192.0.2.1"))
     clock.advance(10)
-    assert t.record_failure("192.0.2.1") == 3
-    assert t.blocked("192.0.2.1")
-    assert not t.blocked("192.0.2.2")          # per IP
+    assert now(t.record_failure("192.0.2.1")) == 3
+    assert now(t.blocked("192.0.2.1"))
+    assert not now(t.blocked("192.0.2.2"))          # per IP
     clock.advance(40)                           # the first failure leaves the window
-    assert not t.blocked("192.0.2.1")
-    assert t.record_failure("192.0.2.1") == 3
-    assert t.blocked("192.0.2.1")
+    assert not now(t.blocked("192.0.2.1"))
+    assert now(t.record_failure("192.0.2.1")) == 3
+    assert now(t.blocked("192.0.2.1"))
 
 
 def test_throttle_success_does_not_reset() -> None:
     clock = task.Clock()
     t = AuthThrottle(max_failures=2, window=60, clock=clock)
-    t.record_failure("192.0.2.1")
-    t.record_success("192.0.2.1")
-    assert t.record_failure("192.0.2.1") == 2
-    t.record_success("192.0.2.1")
-    assert t.blocked("192.0.2.1")
+    now(t.record_failure("192.0.2.1"))
+    now(t.record_success("192.0.2.1"))
+    assert now(t.record_failure("192.0.2.1")) == 2
+    now(t.record_success("192.0.2.1"))
+    assert now(t.blocked("192.0.2.1"))
 
 
 def test_throttle_count_saturates_and_expires() -> None:
     clock = task.Clock()
     t = AuthThrottle(max_failures=3, window=60, clock=clock)
     for _ in range(10):
-        n = t.record_failure("192.0.2.1")
-    assert n == 3 and t.blocked("192.0.2.1")
-    t.record_failure("192.0.2.2")
+        n = now(t.record_failure("192.0.2.1"))
+    assert n == 3 and now(t.blocked("192.0.2.1"))
+    now(t.record_failure("192.0.2.2"))
     clock.advance(61)
-    t.record_failure("192.0.2.3")               # any failure sweeps stale entries
-    assert len(t) == 1
-    assert not t.blocked("192.0.2.1")
+    now(t.record_failure("192.0.2.3"))               # any failure sweeps stale entries
+    assert t.store.failure_entries() == 1
+    assert not now(t.blocked("192.0.2.1"))
 
 
 def test_throttle_table_is_capped_oldest_first() -> None:
     clock = task.Clock()
     t = AuthThrottle(max_failures=1, window=600, clock=clock, max_entries=3)
     for i in range(5):
-        t.record_failure(f"192.0.2.{i}")
+        now(t.record_failure(f"192.0.2.{i}"))
         clock.advance(1)
-    assert len(t) == 3
-    assert [t.blocked(f"192.0.2.{i}") for i in range(5)] == [False, False, True, True, True]
-    t.record_failure("192.0.2.2")               # refreshed: now the newest
-    t.record_failure("192.0.2.9")
-    assert [t.blocked(f"192.0.2.{i}") for i in (2, 3, 4, 9)] == [True, False, True, True]
+    assert t.store.failure_entries() == 3
+    assert [now(t.blocked(f"192.0.2.{i}")) for i in range(5)] == [False, False, True, True, True]
+    now(t.record_failure("192.0.2.2"))               # refreshed: now the newest
+    now(t.record_failure("192.0.2.9"))
+    assert [now(t.blocked(f"192.0.2.{i}")) for i in (2, 3, 4, 9)] == [True, False, True, True]
 
 
 @pytest.mark.parametrize("args", [(0, 60), (3, 0), (3, -1)])

@@ -613,7 +613,8 @@ def test_describe_gives_one_line_per_section(tmp_path: Path, server_cert) -> Non
     assert lines[7].startswith("limits: max_message_size=36700160 (35M) max_recipients=1000")
     assert lines[8] == "queue: max_lifetime=5d retry_min=1m retry_max=1h concurrency=20"
     assert lines[9].startswith("options: forbidden=refuse local_time_zone=- time_format=iso8601")
-    assert len(lines) == 10
+    assert lines[10] == "ratelimit: in-process rules=- overrides=0 outbound=-"
+    assert len(lines) == 11
     config = parse(BASE + section("tls", certificate=str(server_cert.cert),
                                   private_key=str(server_cert.key)))
     assert describe(config)[0] == "config: embedded default"
@@ -627,8 +628,12 @@ SECTION_CLASSES = {"gateway": C.GatewaySection, "tls": C.TLSSection,
                    "listeners": C.ListenerSection, "relay": C.RelaySection,
                    "smarthosts": C.SmarthostSection, "auth": C.AuthSection,
                    "limits": C.LimitsSection, "queue": C.QueueSection,
-                   "options": C.OptionsSection}
-NOT_IN_TOML = {("smarthosts", "password")}
+                   "options": C.OptionsSection,
+                   "ratelimit": C.RateLimitSection, "ratelimit.rules": C.RateRuleSection,
+                   "ratelimit.overrides": C.RateOverrideSection}
+NOT_IN_TOML = {("smarthosts", "password"), ("ratelimit", "redis_password"),
+               ("ratelimit", "rules"), ("ratelimit", "overrides")}
+SUBTABLES = {"ratelimit.rules", "ratelimit.overrides"}  # arrays of tables with fields of their own
 
 
 def etc_keys() -> list[tuple[str, str, str, bool]]:
@@ -640,8 +645,11 @@ def etc_keys() -> list[tuple[str, str, str, bool]]:
     keys, current, nested = [], "", False
     for line in ETC_FILE.read_text().splitlines():
         if header := re.fullmatch(r"\[\[?(\w+)((?:\.\w+)*)\]\]?", line):
-            current, nested = header.group(1), bool(header.group(2))
-            if nested:
+            full = header.group(1) + header.group(2)
+            if full in SECTION_CLASSES or not header.group(2):
+                current, nested = full, False
+            else:
+                current, nested = header.group(1), True
                 keys.append((current, header.group(2).split(".")[1], "<table>", False))
         elif (match := re.fullmatch(r"(# ?)?(\w+) = (.+)", line)) and not nested:
             keys.append((current, match.group(2), match.group(3), bool(match.group(1))))
@@ -679,7 +687,8 @@ def test_etc_example_documents_every_key() -> None:
         expected = {f.name for f in dataclasses.fields(cls)} - {k for s, k in NOT_IN_TOML
                                                                  if s == name}
         assert documented[name] == expected, name
-    assert set(SECTION_CLASSES) == {f.name for f in dataclasses.fields(C.Config)} - {"source"}
+    assert set(SECTION_CLASSES) - SUBTABLES == \
+        {f.name for f in dataclasses.fields(C.Config)} - {"source"}
 
 
 def test_etc_example_shows_the_real_defaults() -> None:
@@ -688,7 +697,7 @@ def test_etc_example_shows_the_real_defaults() -> None:
     for name, key, value, commented in etc_keys():
         default = next(f.default for f in dataclasses.fields(SECTION_CLASSES[name])
                        if f.name == key)
-        if not commented or default in (None, dataclasses.MISSING):
+        if not commented or default in (None, dataclasses.MISSING) or name in SUBTABLES:
             continue
         setting = tomllib.loads(f"{key} = {value}")
         text = (listener(**setting) + smarthost() if name == "listeners" else

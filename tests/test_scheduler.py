@@ -510,3 +510,46 @@ async def test_failed_admin_action_reschedules(rig: Harness, monkeypatch: pytest
         await sched.hold(env.queue_id)
     await rig.advance(sched, 60)
     assert len(relay.calls) == 2 and rig.queue() == []
+
+
+# --- the shared outbound cap (ratelimit.RateLimiter as the scheduler's outbound gate) ----
+
+@pytest_twisted.ensureDeferred
+async def test_outbound_cap_defers_without_counting_an_attempt(spool: Spool,
+                                                               clock: task.Clock) -> None:
+    from twisted.internet import reactor
+
+    from gateway.config import RateLimitSection
+    from gateway.ratelimit import RateLimiter
+    from gateway.ratelimit_local import LocalStore
+
+    limiter = RateLimiter(RateLimitSection(outbound_messages_per_second=1, outbound_connections=1),
+                          LocalStore(clock), clock)
+    relay = FakeRelay(manual=True)
+    queue = QueueSection(retry_min=60.0, retry_max=3600.0, max_lifetime=86400.0, concurrency=4)
+    sched = Scheduler(spool, relay, queue, "gw.example.test", clock, MidRng(), outbound=limiter)
+    sched.startService()
+    await sched.ready
+    h = Harness(spool, clock)
+    envs = [await h.submit(sched, [f"r{i}@example.net"], settle=False) for i in range(3)]
+    await relay.called(1)
+    for _ in range(20):                       # let the other two reach the gate
+        await task.deferLater(reactor, 0.01, lambda: None)
+    assert len(relay.calls) == 1 and len(relay.outstanding) == 1   # one connection at a time
+    relay.finish_one()
+    await relay.called(1)
+    await task.deferLater(reactor, 0.05, lambda: None)
+    assert len(relay.calls) == 1              # the others wait for their retry (1.25 s)
+    clock.advance(1.25)
+    await relay.called(2)
+    assert len(relay.calls) == 2
+    waiting = [e for e in envs if e.recipients != relay.recipients(0)
+               and e.recipients != relay.recipients(1)]
+    state = await spool.load_state(waiting[0].queue_id)
+    assert state is None or state.attempts == 0   # being held back is not an attempt
+    relay.finish_one()
+    clock.advance(1.25)
+    await relay.called(3)
+    relay.finish_one()
+    await sched.settle()
+    await sched.stopService()

@@ -14,7 +14,6 @@ a ``Principal``, the per-login policy object the later stages consult.
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +28,7 @@ from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
 from gateway.envelope import parse_address
+from gateway.ratelimit_local import LocalStore
 from gateway.reply import ReplyError
 
 log = Logger(namespace="gateway.auth")
@@ -266,57 +266,39 @@ def make_portal(checkers: Sequence[ICredentialsChecker]) -> Portal:
 
 
 class AuthThrottle:
-    """Failed AUTH attempts per client IP, in a sliding window, in this process.
+    """Failed AUTH attempts per client IP, in a sliding window, on a rate-limit store.
 
     ``blocked(ip)`` is true while ``max_failures`` failures lie within the last ``window``
     seconds.  A success does not clear the count: one good login must not buy an attacker
     another round of guesses (on another account, from the same address).  The failures
     simply age out.
 
-    Memory stays bounded: each IP keeps at most ``max_failures`` timestamps (enough to decide
-    ``blocked``, so ``record_failure`` saturates at ``max_failures``), entries whose last
-    failure left the window are dropped, and the table holds at most ``max_entries`` IPs,
-    the least recently failing dropped first.
+    The store is the rate limiter's (``ratelimit_local.LocalStore`` in this process, or
+    ``ratelimit_redis.RedisStore`` shared by every node), so the answers are Deferreds;
+    with the store's ``fail_closed`` they may fail with ``LimiterUnavailable``.  Each IP
+    keeps at most ``max_failures`` timestamps (``record_failure`` saturates there).
     """
 
-    def __init__(self, max_failures: int, window: float, clock: IReactorTime,
-                 max_entries: int = 100_000) -> None:
+    def __init__(self, max_failures: int, window: float, clock: IReactorTime | None = None,
+                 max_entries: int = 100_000, store: Any = None) -> None:
         if max_failures < 1 or window <= 0 or max_entries < 1:
             raise ValueError("max_failures and max_entries must be >= 1, window > 0")
+        if store is None:
+            if clock is None:
+                raise ValueError("an AuthThrottle needs a clock or a store")
+            store = LocalStore(clock, max_entries)
         self.max_failures = max_failures
         self.window = window
-        self.max_entries = max_entries
-        self._clock = clock
-        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self.store = store
 
-    def record_failure(self, ip: str) -> int:
-        """Count a failed AUTH; returns the failures within the window (capped)."""
-        now = self._clock.seconds()
-        self._expire(now)
-        times = self._failures.pop(ip, None) or deque(maxlen=self.max_failures)
-        times.append(now)
-        self._failures[ip] = times
-        while len(self._failures) > self.max_entries:
-            self._failures.popitem(last=False)
-        return self._count(times, now)
+    def record_failure(self, ip: str) -> defer.Deferred[int]:
+        """Count a failed AUTH; fires with the failures within the window (capped)."""
+        return self.store.add_failure(f"authfail:{ip}", self.window, self.max_failures)
 
-    def record_success(self, ip: str) -> None:
+    def record_success(self, ip: str) -> defer.Deferred[None]:
         """A successful AUTH changes nothing (see the class docstring)."""
+        return defer.succeed(None)
 
-    def blocked(self, ip: str) -> bool:
-        times = self._failures.get(ip)
-        return bool(times) and self._count(times, self._clock.seconds()) >= self.max_failures
-
-    def __len__(self) -> int:
-        return len(self._failures)
-
-    def _count(self, times: deque[float], now: float) -> int:
-        return sum(1 for t in times if t > now - self.window)
-
-    def _expire(self, now: float) -> None:
-        # The table is ordered by last failure, so stale entries sit at the front.
-        while self._failures:
-            ip, times = next(iter(self._failures.items()))
-            if times[-1] > now - self.window:
-                break
-            del self._failures[ip]
+    def blocked(self, ip: str) -> defer.Deferred[bool]:
+        d = self.store.count_failures(f"authfail:{ip}", self.window)
+        return d.addCallback(lambda count: count >= self.max_failures)

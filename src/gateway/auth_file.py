@@ -7,6 +7,7 @@ Format::
     password = "$argon2id$v=19$m=65536,t=3,p=4$..."   # argon2id (default) or bcrypt ($2b$...)
     senders = ["alice@example.com", "@sales.example.com"]
     groups = ["marketing"]       # optional: [options.groups.*] that apply to the user
+    class = "bulk"               # optional: the rate-limit class ([[ratelimit.overrides]])
 
 ``set_user`` rewrites the whole file (atomically), so comments in it are not preserved.
 """
@@ -44,7 +45,7 @@ log = Logger(namespace="gateway.auth.file")
 
 HEADER = "# itpison-gateway users file: managed with `itpison-gateway passwd`\n"
 NEW_FILE_MODE = 0o640
-_USER_KEYS = {"password", "senders", "groups"}
+_USER_KEYS = {"password", "senders", "groups", "class"}
 _BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
 _SCHEME_RE = re.compile(r"\$([A-Za-z0-9-]{1,20})\$")
 _hasher = argon2.PasswordHasher()
@@ -66,6 +67,7 @@ class UserRecord:
     password_hash: str = field(repr=False)
     senders: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()
+    user_class: str | None = None
 
 
 def check_username(name: object) -> str:
@@ -120,7 +122,10 @@ def _user_record(path: str | Path, name: str, entry: Any) -> UserRecord:
     groups = entry.get("groups", [])
     if not isinstance(groups, list) or not all(isinstance(g, str) and g for g in groups):
         raise UsersFileError(path, f"{where}.groups: must be a list of group names")
-    return UserRecord(name, password, policy.patterns, tuple(groups))
+    user_class = entry.get("class")
+    if user_class is not None and (not isinstance(user_class, str) or not user_class.strip()):
+        raise UsersFileError(path, f"{where}.class: must be a non-empty string")
+    return UserRecord(name, password, policy.patterns, tuple(groups), user_class)
 
 
 def hash_password(password: str) -> str:
@@ -232,7 +237,11 @@ class FileChecker:
             raise UnauthorizedLogin("unknown user")
         if not ok:
             raise UnauthorizedLogin("bad password")
-        attributes = {"groups": record.groups} if record.groups else {}
+        attributes: dict[str, object] = {}
+        if record.groups:
+            attributes["groups"] = record.groups
+        if record.user_class:
+            attributes["class"] = record.user_class
         return Identity(record.name, "file", record.senders, attributes)
 
 
@@ -274,7 +283,8 @@ def set_user(path: str | Path, user: str, password: str,
         old = users.get(user)
         patterns = policy.patterns if policy is not None else (old.senders if old else ())
         kept = tuple(groups) if groups is not None else (old.groups if old else ())
-        users[user] = UserRecord(user, hash_password(password), patterns, kept)
+        users[user] = UserRecord(user, hash_password(password), patterns, kept,
+                                 old.user_class if old else None)
         _replace_file(path, format_users(users.values()), existing)
         os.fsync(dir_fd)
     finally:
@@ -291,6 +301,8 @@ def format_users(records: Iterable[UserRecord]) -> str:
                       f"senders = [{senders}]\n")
         if record.groups:
             blocks.append(f"groups = [{', '.join(_toml_string(g) for g in record.groups)}]\n")
+        if record.user_class:
+            blocks.append(f"class = {_toml_string(record.user_class)}\n")
     return "".join(blocks)
 
 

@@ -31,12 +31,19 @@ from pathlib import Path
 from typing import Any
 
 from gateway import config_values as v
+from gateway.config_ratelimit import (
+    RateLimitSection,
+    RateOverrideSection,
+    RateRuleSection,
+    parse_ratelimit,
+)
 from gateway.config_values import ConfigError, Context
 from gateway.options_config import OptionsSection, parse_options
 
 __all__ = [
     "AuthSection", "Config", "ConfigError", "DEFAULT_TOML", "GatewaySection", "LimitsSection",
-    "ListenerSection", "OptionsSection", "QueueSection", "RelaySection", "SmarthostFallback",
+    "ListenerSection", "OptionsSection", "QueueSection", "RateLimitSection",
+    "RateOverrideSection", "RateRuleSection", "RelaySection", "SmarthostFallback",
     "SmarthostSection", "TLSSection",
     "default_config", "describe", "load_config", "parse_config",
 ]
@@ -181,6 +188,7 @@ class Config:
     limits: LimitsSection
     queue: QueueSection
     options: OptionsSection = field(default_factory=OptionsSection)  # X-Header control
+    ratelimit: RateLimitSection = RateLimitSection()
     source: Path | None = None  # the file it came from; None for the embedded default
 
 
@@ -254,6 +262,7 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path,
         limits=_limits(data.get("limits", {}), ctx),
         queue=_queue(data.get("queue", {}), ctx),
         options=parse_options(data.get("options", {}), ctx),
+        ratelimit=parse_ratelimit(data.get("ratelimit", {}), ctx, _table),
         source=source,
     )
 
@@ -272,6 +281,7 @@ def describe(config: Config) -> list[str]:
         lines.append(_line(f"smarthosts[{i}]", host) + f" password={password}")
     lines += [_line("auth", config.auth), _line("limits", config.limits),
               _line("queue", config.queue), _options_line(config.options)]
+    lines.append(_ratelimit_line(config.ratelimit))
     return lines
 
 
@@ -295,7 +305,7 @@ def _options_line(options: OptionsSection) -> str:
 # section name -> is it an array of tables ([[name]])?
 _SECTIONS = {"gateway": False, "tls": False, "listeners": True, "relay": False,
              "smarthosts": True, "auth": False, "limits": False, "queue": False,
-             "options": False}
+             "options": False, "ratelimit": False}
 _GATEWAY_KEYS: dict[str, v.Convert] = {"hostname": v.dns_name, "state_dir": v.file_path}
 _TLS_KEYS: dict[str, v.Convert] = {"certificate": v.file_path, "private_key": v.file_path}
 _LISTENER_KEYS: dict[str, v.Convert] = {
@@ -543,6 +553,19 @@ def _value_text(name: str, value: Any, type_name: str) -> str:
     if name == "max_message_size":
         return f"{value} ({value / 1024**2:g}M)"
     return str(value)
+
+
+def _ratelimit_line(rl: RateLimitSection) -> str:
+    store = f"redis={rl.redis} fail_mode={rl.fail_mode}" if rl.redis else "in-process"
+    rules = [f"{r.dimension}/{r.key}={r.limit}"
+             + (f"/{v.duration_text(r.window)}" if r.window else "") for r in rl.rules]
+    out = []
+    if rl.outbound_messages_per_second:
+        out.append(f"{rl.outbound_messages_per_second:g}/s")
+    if rl.outbound_connections:
+        out.append(f"{rl.outbound_connections} connections")
+    return (f"ratelimit: {store} rules={','.join(rules) or '-'}"
+            f" overrides={len(rl.overrides)} outbound={','.join(out) or '-'}")
 
 
 def _line(label: str, section: Any) -> str:

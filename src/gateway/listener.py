@@ -20,6 +20,7 @@ from gateway.auth import AuthThrottle
 from gateway.config import Config, LimitsSection, ListenerSection
 from gateway.envelope import Envelope
 from gateway.optionpolicy import XHeaderPolicy
+from gateway.ratelimit import RateLimiter
 from gateway.reply import Reply
 
 
@@ -81,5 +82,6 @@ class ListenerContext:
     sink: MessageSink
     throttle: AuthThrottle
     connections: ConnectionCounter
+    limiter: RateLimiter | None = None  # None: no rate limits at all (tests)
     sessions: set[Any] = field(default_factory=set)  # live sessions, for a graceful stop
     options: XHeaderPolicy | None = None  # the X-Header policy; None: headers pass untouched

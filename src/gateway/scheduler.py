@@ -21,7 +21,7 @@ import heapq
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.application import service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred, succeed
@@ -39,6 +39,13 @@ from gateway.spool import CorruptMessage, NoSuchMessage, Spool
 
 log = Logger(namespace="gateway.scheduler")
 
+
+class OutboundGate(Protocol):
+    """The shared cap toward the smarthosts (``ratelimit.RateLimiter``): asked before each
+    relay call; a refusal reschedules the message after ``retry_after`` (no attempt)."""
+
+    def outbound(self) -> Deferred[Any]: ...
+
 JITTER = 0.2
 RESTART_SPREAD = 30.0  # overdue messages found at start are spread over this many seconds
 STOP_TIMEOUT = 10.0  # stopService cancels attempts still running after this long
@@ -49,7 +56,8 @@ class Scheduler(service.Service):
 
     def __init__(self, spool: Spool, relay: Relay, queue_cfg: QueueSection, hostname: str,
                  clock: IReactorTime, rng: random.Random | None = None,
-                 send_rate: SendRate | None = None) -> None:
+                 send_rate: SendRate | None = None,
+                 outbound: OutboundGate | None = None) -> None:
         self.spool = spool
         self.send_rate = send_rate or Unlimited()  # a permit per attempt (gateway.sendrate)
         self.relay = relay
@@ -57,6 +65,7 @@ class Scheduler(service.Service):
         self.hostname = hostname
         self.clock = clock
         self.rng = rng or random.Random()
+        self.outbound = outbound
         self.ready: Deferred[None] = Deferred()  # fires once the spool has been loaded
         self._heap: list[tuple[float, int, str]] = []
         self._due: dict[str, float] = {}  # qid -> due time; heap entries that disagree are stale
@@ -221,6 +230,11 @@ class Scheduler(service.Service):
         if pending:
             if not self.running:
                 return self.clock.seconds()  # stopping: start no new relay call
+            # The cross-node cap (ratelimit) first, then the node-local send rate (sendrate).
+            permit = await self.outbound.outbound() if self.outbound is not None else None
+            if permit is not None and not permit.granted:
+                # Over the shared outbound cap: not an attempt, just a little later.
+                return self.clock.seconds() + permit.retry_after * self.rng.uniform(1, 1.5)
             d = self._relay(replace(envelope, recipients=tuple(pending)), message)
             self._relaying[qid] = d
             try:
@@ -232,6 +246,8 @@ class Scheduler(service.Service):
                     r, Outcome.TEMPFAIL, 0, "", f"internal error: {e!r}") for r in pending))
             finally:
                 del self._relaying[qid]
+                if permit is not None:
+                    permit.release()
             now = self.clock.seconds()
             outcomes = self._record(envelope, state, result, pending, now)
             await self.spool.save_state(state)  # persisted before anything else happens

@@ -28,6 +28,9 @@ from gateway.control import ControlService, QueueControl
 from gateway.envelope import Envelope
 from gateway.listener import ConnectionCounter, ListenerContext, ListenerSettings
 from gateway.optionpolicy import XHeaderPolicy
+from gateway.ratelimit import LimitStore, RateLimiter
+from gateway.ratelimit_local import LocalStore
+from gateway.ratelimit_redis import RedisStore
 from gateway.relay import SmarthostRelay
 from gateway.reply import ReplyError
 from gateway.scheduler import Scheduler
@@ -62,6 +65,15 @@ class QueueSink:
         return d.addCallbacks(durable, failed)
 
 
+def _limit_store(config: Config, reactor: Any) -> LimitStore:
+    """Redis when ``[ratelimit] redis`` is set (with the in-process store as its fail-open
+    fallback), else the in-process store."""
+    local = LocalStore(reactor)
+    if config.ratelimit.redis is None:
+        return local
+    return RedisStore(config.ratelimit, reactor, local)
+
+
 class GatewayService(service.MultiService):
     """Listeners, spool, scheduler and relay for one Config."""
 
@@ -75,9 +87,12 @@ class GatewayService(service.MultiService):
         self.auth_pool = ThreadPool(minthreads=1, maxthreads=4, name="auth")
         self.spool = Spool(config.gateway.state_dir / "spool", reactor, self.spool_pool)
         self.relay = SmarthostRelay(config.smarthosts, config.relay, config.gateway.hostname, reactor)
+        self.limiter = RateLimiter(config.ratelimit, _limit_store(config, reactor), reactor)
+        self.limiter.setServiceParent(self)
         self.scheduler = Scheduler(self.spool, self.relay, config.queue, config.gateway.hostname,
                                    reactor, send_rate=send_rate(config.relay.messages_per_second,
-                                                                reactor))
+                                                                reactor),
+                                   outbound=self.limiter)
         self.scheduler.setServiceParent(self)
         self.control = ControlService(
             QueueControl(self.scheduler, config.gateway.state_dir / "spool", reactor,
@@ -86,7 +101,8 @@ class GatewayService(service.MultiService):
         self.sink = QueueSink(self.spool, self.scheduler)
         self.connections = ConnectionCounter(config.limits.max_connections,
                                              config.limits.max_connections_per_ip)
-        self.throttle = AuthThrottle(config.auth.max_failures, config.auth.failure_window, reactor)
+        self.throttle = AuthThrottle(config.auth.max_failures, config.auth.failure_window,
+                                     store=self.limiter.store)
         self.portal = self._portal()
         self.options = XHeaderPolicy(config.options)
 
@@ -115,7 +131,7 @@ class GatewayService(service.MultiService):
                 clock=self.reactor, portal=self.portal,
                 starttls_creator=None if listener.mode == "smtps" else creator,
                 sink=self.sink, throttle=self.throttle, connections=self.connections,
-                options=self.options)
+                options=self.options, limiter=self.limiter)
             self.contexts.append(context)
             factory: Any = GatewaySMTPFactory(context)
             if listener.mode == "smtps":

@@ -37,6 +37,7 @@ from gateway.envelope import Address, Envelope, new_queue_id, parse_path_and_par
 from gateway.listener import ListenerContext
 from gateway.message import header_block, parse_headers, received_header
 from gateway.optionpolicy import Submitter
+from gateway.ratelimit import Lease, LimiterUnavailable, Refusal, Subject
 from gateway.reply import Reply, ReplyError
 from gateway.smtpauth import Credentials, Exchange, exchange_for
 from gateway.tls import describe_tls
@@ -68,6 +69,7 @@ class GatewaySMTP(smtp.ESMTP):
         self._deadline: Any = None
         self._counted = False
         self._logout: Callable[[], None] | None = None
+        self._lease: Lease | None = None
         self.errors = 0
         self.messages = 0
         self.helo: str | None = None
@@ -107,10 +109,26 @@ class GatewaySMTP(smtp.ESMTP):
         self._counted = True
         self.context.sessions.add(self)
         maillog.connected(self.session, self.client_ip, self.settings.name)
-        self.transport.write(f"220 {self.settings.hostname} ESMTP itpison-gateway\r\n".encode())
         self.setTimeout(self.settings.limits.idle_timeout)
         self._deadline = self.clock.callLater(self.settings.limits.session_timeout,
                                               self._session_expired)
+        greeting = Reply(220, "", f"{self.settings.hostname} ESMTP itpison-gateway")
+        if self.context.limiter is None:
+            self._send(greeting)
+            return
+        subject = self.context.limiter.subject(self.client_ip)
+        self._run(self.context.limiter.connect(subject).addCallback(self._admitted, greeting))
+
+    def _admitted(self, outcome: Lease | Refusal, greeting: Reply) -> Reply | None:
+        if isinstance(outcome, Refusal):
+            maillog.rejected(self.session, self.client_ip, "connect", str(outcome.reply),
+                             outcome.reason)
+            return outcome.reply
+        if self._closed:
+            outcome.release()
+            return None
+        self._lease = outcome
+        return greeting
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._closed = True
@@ -126,6 +144,9 @@ class GatewaySMTP(smtp.ESMTP):
         if self._logout is not None:
             logout, self._logout = self._logout, None
             logout()
+        if self._lease is not None:
+            lease, self._lease = self._lease, None
+            lease.release()
 
     def timeoutConnection(self) -> None:
         self._send(R.IDLE_TIMEOUT)
@@ -209,10 +230,17 @@ class GatewaySMTP(smtp.ESMTP):
     def _run(self, result: Reply | Deferred[Reply | None] | None) -> None:
         """Send a reply now, or hold all input until the deferred one is ready."""
         if isinstance(result, Deferred):
-            self._set_busy(True)
             result.addErrback(self._unexpected)
-            result.addCallback(self._async_done)
-        elif result is not None:
+            early: list[Reply | None] = []
+            result.addCallback(_keep, early)
+            if not early:
+                self._set_busy(True)
+                result.addCallback(self._async_done)
+                return
+            # Already decided (the in-process limiter): answer inline, so a long
+            # pipelined batch never recurses through _async_done → _process.
+            result = early[0]
+        if result is not None:
             self._send(result)
 
     def _async_done(self, reply: Reply | None) -> None:
@@ -343,17 +371,32 @@ class GatewaySMTP(smtp.ESMTP):
             raise ReplyError(R.ALREADY_AUTHENTICATED, "second AUTH")
         if self.sender is not None:
             raise ReplyError(R.BAD_SEQUENCE, "AUTH during a mail transaction")
-        if self.context.throttle.blocked(self.client_ip):
-            raise ReplyError(R.TOO_MANY_AUTH_FAILURES, "client is over the AUTH failure limit")
         parts = arg.split()
         if not parts or len(parts) > 2:
             raise ReplyError(R.SYNTAX_ERROR, "AUTH needs a mechanism")
         mechanism = parts[0].upper()
         if mechanism not in self.settings.mechanisms:
             raise ReplyError(R.AUTH_MECHANISM, f"mechanism {mechanism[:20]!r}")
-        self._exchange = exchange_for(mechanism)
         initial = parts[1].encode() if len(parts) == 2 else None
-        return self._auth_result(lambda: self._exchange.start(initial))  # type: ignore[union-attr]
+
+        def decided(blocked: bool) -> Reply | Deferred[Reply | None] | None:
+            if blocked:
+                raise ReplyError(R.TOO_MANY_AUTH_FAILURES, "client is over the AUTH failure limit")
+            self._exchange = exchange_for(mechanism)
+            return self._auth_result(lambda: self._exchange.start(initial))  # type: ignore[union-attr]
+
+        d = self.context.throttle.blocked(self.client_ip)
+        d.addErrback(self._throttle_unavailable)
+        return d.addCallback(decided).addErrback(self._refused_async, "AUTH")
+
+    def _throttle_unavailable(self, failure: Failure) -> bool:
+        failure.trap(LimiterUnavailable)
+        raise ReplyError(R.AUTH_UNAVAILABLE, "AUTH throttle store unavailable (fail_closed)")
+
+    def _refused_async(self, failure: Failure, stage: str) -> None:
+        failure.trap(ReplyError)
+        self._refuse(stage, failure.value)
+        return None
 
     def _auth_step(self, line: bytes) -> Reply | Deferred[Reply | None] | None:
         return self._auth_result(lambda: self._exchange.step(line))  # type: ignore[union-attr]
@@ -387,14 +430,22 @@ class GatewaySMTP(smtp.ESMTP):
         maillog.auth_ok(self.session, self.client_ip, principal.name, mechanism)
         return R.AUTH_OK
 
-    def _auth_failed(self, failure: Failure, mechanism: str, username: str) -> Reply:
+    def _auth_failed(self, failure: Failure, mechanism: str,
+                     username: str) -> Reply | Deferred[Reply]:
         if failure.check(UnauthorizedLogin):
-            count = self.context.throttle.record_failure(self.client_ip)
-            maillog.auth_failed(self.session, self.client_ip, username, mechanism,
-                                f"bad credentials ({count} recent failures)")
-            if self.context.throttle.blocked(self.client_ip):
-                return R.TOO_MANY_AUTH_FAILURES
-            return R.AUTH_FAILED
+            throttle = self.context.throttle
+
+            def counted(count: int | None) -> Reply:
+                maillog.auth_failed(self.session, self.client_ip, username, mechanism,
+                                    f"bad credentials ({count if count is not None else '?'}"
+                                    " recent failures)")
+                if count is not None and count >= throttle.max_failures:
+                    return R.TOO_MANY_AUTH_FAILURES
+                return R.AUTH_FAILED
+
+            d = throttle.record_failure(self.client_ip)
+            d.addErrback(lambda f: f.trap(LimiterUnavailable) and None)
+            return d.addCallback(counted)
         reason = "backend unavailable" if failure.check(BackendUnavailable) else repr(failure.value)
         if not failure.check(BackendUnavailable):
             log.failure("{session} authentication error", failure, session=self.session)
@@ -407,7 +458,7 @@ class GatewaySMTP(smtp.ESMTP):
             raise ReplyError(bad, f"expected {keyword}:")
         return rest
 
-    def cmd_MAIL(self, arg: str) -> Reply:
+    def cmd_MAIL(self, arg: str) -> Reply | Deferred[Reply | None]:
         if self.helo is None:
             raise ReplyError(R.NEED_HELO, "MAIL before HELO")
         if self.sender is not None:
@@ -418,8 +469,31 @@ class GatewaySMTP(smtp.ESMTP):
         refusal = policy.check_mail(self._facts(), sender)
         if refusal is not None:
             raise ReplyError(refusal, f"sender <{sender}> refused")
-        self.sender, self.mail_params = sender, params
-        return R.SENDER_OK
+
+        def accept() -> Reply:
+            self.sender, self.mail_params = sender, params
+            return R.SENDER_OK
+
+        if self.context.limiter is None:
+            return accept()
+        size = params.get("SIZE")
+        check = self.context.limiter.mail(self._subject(sender), int(size) if size else None)
+        return self._limited("MAIL", check, accept)
+
+    def _subject(self, sender: Address | None, recipient: Address | None = None) -> Subject:
+        assert self.context.limiter is not None
+        return self.context.limiter.subject(self.client_ip, self.principal, sender, recipient)
+
+    def _limited(self, stage: str, check: Deferred[Refusal | None],
+                 accept: Callable[[], Reply | Deferred[Reply | None]]) -> Deferred[Reply | None]:
+        """The limiter's verdict: its 4xx (logged), or go on with ``accept``."""
+        def decided(refusal: Refusal | None) -> Reply | Deferred[Reply | None]:
+            if refusal is None:
+                return accept()
+            maillog.rejected(self.session, self.client_ip, stage, str(refusal.reply),
+                             f"rate limit: {refusal.reason}")
+            return refusal.reply
+        return check.addCallback(decided)
 
     def _check_mail_params(self, params: dict[str, str | None]) -> None:
         if not self.esmtp and params:
@@ -438,7 +512,7 @@ class GatewaySMTP(smtp.ESMTP):
             elif key != "AUTH":  # RFC 4954 AUTH= is allowed and ignored
                 raise ReplyError(R.UNKNOWN_PARAMETER, f"MAIL parameter {key}")
 
-    def cmd_RCPT(self, arg: str) -> Reply:
+    def cmd_RCPT(self, arg: str) -> Reply | Deferred[Reply | None]:
         if self.sender is None:
             raise ReplyError(R.NEED_MAIL, "RCPT before MAIL")
         path = self._expect_colon(arg, "TO", R.BAD_RCPT_SYNTAX)
@@ -452,8 +526,17 @@ class GatewaySMTP(smtp.ESMTP):
             return R.RCPT_OK
         if len(self.recipients) >= self.settings.limits.max_recipients:
             raise ReplyError(R.TOO_MANY_RECIPIENTS, f"over {self.settings.limits.max_recipients}")
-        self.recipients.append(recipient)
-        return R.RCPT_OK
+        sender = self.sender
+
+        def accept() -> Reply:
+            if self.sender is sender and recipient not in self.recipients:
+                self.recipients.append(recipient)
+            return R.RCPT_OK
+
+        if self.context.limiter is None:
+            return accept()
+        return self._limited("RCPT", self.context.limiter.rcpt(self._subject(sender, recipient)),
+                             accept)
 
     def cmd_DATA(self, arg: str) -> Reply:
         if self.sender is None:
@@ -472,6 +555,7 @@ class GatewaySMTP(smtp.ESMTP):
         reader, self._reader = self._reader, None
         assert reader is not None and self.sender is not None
         sender, recipients = self.sender, [str(r) for r in self.recipients]
+        declared_size = self.mail_params.get("SIZE")
         self._reset_transaction()
         result = reader.result()
         if isinstance(result, Reply):
@@ -492,7 +576,15 @@ class GatewaySMTP(smtp.ESMTP):
         body = self._control_headers(result, now, qid)
         if isinstance(body, Reply):
             return body
-        return self._commit(sender, recipients, body, now, qid)
+
+        def commit() -> Deferred[Reply | None]:
+            return self._commit(sender, recipients, body, now, qid)
+
+        if self.context.limiter is None or declared_size is not None:
+            return commit()
+        # Bytes not declared with SIZE= at MAIL are charged now.
+        check = self.context.limiter.data(self._subject(sender), len(body.data))
+        return self._limited("DATA", check, commit)
 
     def _control_headers(self, body: Body, now: float, qid: str) -> Body | Reply:
         """The ITPison X-Headers checked and rewritten (optionpolicy), or the refusal."""
@@ -540,6 +632,11 @@ class GatewaySMTP(smtp.ESMTP):
             return reply
 
         return d.addCallbacks(queued, failed)
+
+
+def _keep(value: Any, into: list[Any]) -> Any:
+    into.append(value)
+    return value
 
 
 class GatewaySMTPFactory(smtp.SMTPFactory):
