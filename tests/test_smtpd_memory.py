@@ -114,7 +114,7 @@ def test_trusted_transaction_and_pipelining_in_order():
               b"Subject: t\r\n\r\nbody\r\n.\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<d@y.test>\r\n"
               b"DATA\r\nhi\r\n.\r\nQUIT\r\n")
     assert d.codes(stream) == ["250 2.1.0", "250 2.1.5", "250 2.1.5", "354 End"]
-    assert d.transport.producerState == "paused"  # nothing else read while the spool works
+    assert len(sink.messages) == 1  # the second message waits while the spool works
     sink.pending[0].callback(None)
     lines = d.codes(b"")
     assert lines[0] == "250 2.0.0" and lines[1:] == ["250 2.1.0", "250 2.1.5", "354 End"]
@@ -345,3 +345,15 @@ def test_non_ascii_helo_is_echoed_safely():
     assert any(line.startswith("250-gw.example.test Hello ??") for line in lines[1:])
     d.send(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\nx\r\n.\r\n")
     assert d.sink.messages[0][1].startswith(b"Received: from ?? ([127.0.0.1])")
+
+
+def test_input_held_while_busy_pauses_reading_past_a_bound():
+    sink = RecordingSink(manual=True)
+    d = Dialog(sink=sink)
+    d.send(b"EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\nx\r\n.\r\n")
+    assert d.transport.producerState == "producing"  # a little pipelined input: no pause
+    d.send(b"NOOP\r\n" * 60000)  # 360 KB held while the spool works
+    assert d.transport.producerState == "paused"
+    sink.pending[0].callback(None)
+    assert d.codes(b"")[:2] == ["250 2.0.0", "250 2.0.0"]
+    assert d.transport.producerState == "producing"

@@ -48,6 +48,7 @@ class OutboundGate(Protocol):
 
 JITTER = 0.2
 RESTART_SPREAD = 30.0  # overdue messages found at start are spread over this many seconds
+FRESH_BUDGET = 32 * 1024 * 1024  # bytes of just-accepted messages kept for their first attempt
 STOP_TIMEOUT = 10.0  # stopService cancels attempts still running after this long
 
 
@@ -74,6 +75,8 @@ class Scheduler(service.Service):
         self._relaying: dict[str, Deferred[AttemptResult]] = {}
         self._blocked: set[str] = set()  # held, or being changed by an admin: never scheduled
         self._wakeup: IDelayedCall | None = None
+        self._fresh: dict[str, tuple[Envelope, bytes]] = {}  # accepted, not yet attempted
+        self._fresh_bytes = 0
 
     # --- lifecycle ----------------------------------------------------------------------
     def startService(self) -> None:
@@ -109,6 +112,8 @@ class Scheduler(service.Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        self._fresh.clear()
+        self._fresh_bytes = 0
         if self._wakeup is not None and self._wakeup.active():
             self._wakeup.cancel()
         self._wakeup = None
@@ -139,9 +144,22 @@ class Scheduler(service.Service):
         return frozenset(self._in_flight)
 
     # --- scheduling ---------------------------------------------------------------------
-    def enqueue(self, envelope: Envelope) -> None:
-        """A message just accepted into the spool: deliver it as soon as a slot is free."""
-        self._schedule(envelope.queue_id, self.clock.seconds())
+    def enqueue(self, envelope: Envelope, message: bytes | None = None) -> None:
+        """A message just accepted into the spool: deliver it as soon as a slot is free.
+
+        With ``message`` (the bytes just written), the first attempt uses them instead of
+        reading the spool back, within a bounded memory budget."""
+        qid = envelope.queue_id
+        if message is not None and self._fresh_bytes + len(message) <= FRESH_BUDGET:
+            self._fresh[qid] = (envelope, message)
+            self._fresh_bytes += len(message)
+        self._schedule(qid, self.clock.seconds())
+
+    def _take_fresh(self, qid: str) -> tuple[Envelope, bytes] | None:
+        fresh = self._fresh.pop(qid, None)
+        if fresh is not None:
+            self._fresh_bytes -= len(fresh[1])
+        return fresh
 
     def _schedule(self, qid: str, when: float) -> None:
         if qid in self._blocked:
@@ -206,8 +224,9 @@ class Scheduler(service.Service):
     # --- one attempt --------------------------------------------------------------------
     async def _attempt(self, qid: str) -> float | None:
         """One delivery attempt; returns when the next is due, None when it is finished."""
+        fresh = self._take_fresh(qid)
         try:
-            envelope, message = await self.spool.read(qid)
+            envelope, message = fresh if fresh is not None else await self.spool.read(qid)
         except NoSuchMessage:
             log.info("{queue_id} is no longer in the queue", queue_id=qid)
             return None
@@ -218,14 +237,16 @@ class Scheduler(service.Service):
             log.failure("{queue_id} reading the message failed", queue_id=qid)
             return self.clock.seconds() + self.cfg.retry_min
         try:
-            return await self._deliver(envelope, message)
+            return await self._deliver(envelope, message, fresh=fresh is not None)
         except Exception:
             log.failure("{queue_id} attempt failed", queue_id=qid)
             return self.clock.seconds() + self.cfg.retry_min
 
-    async def _deliver(self, envelope: Envelope, message: bytes) -> float | None:
+    async def _deliver(self, envelope: Envelope, message: bytes, *,
+                       fresh: bool = False) -> float | None:
         qid = envelope.queue_id
-        state = await self.spool.load_state(qid) or QueueState.new(envelope)
+        # A message just accepted has no state on disk yet: no need to look.
+        state = (None if fresh else await self.spool.load_state(qid)) or QueueState.new(envelope)
         pending = state.pending()
         if pending:
             if not self.running:
@@ -250,10 +271,17 @@ class Scheduler(service.Service):
                     permit.release()
             now = self.clock.seconds()
             outcomes = self._record(envelope, state, result, pending, now)
-            await self.spool.save_state(state)  # persisted before anything else happens
+            if state.pending() or state.bounced():
+                await self.spool.save_state(state)  # persisted before anything else happens
+            # else: all delivered, and the message is removed next; a crash before that can
+            # only deliver it again (at least once), so the state write would buy nothing.
             self._log(envelope, outcomes, state.next_attempt, now)
             if state.pending():
                 return state.next_attempt
+            if not state.bounced():
+                await self.spool.remove(qid, durable=False)
+                maillog.removed(qid, "delivered")
+                return None
         await self._finish(envelope, message, state)
         return None
 
@@ -343,6 +371,7 @@ class Scheduler(service.Service):
         scheduler was managing is scheduled again."""
         active = qid in self._due or qid in self._in_flight
         self._blocked.add(qid)
+        self._take_fresh(qid)
         self._due.pop(qid, None)
         try:
             if qid in self._in_flight:

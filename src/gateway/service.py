@@ -54,7 +54,7 @@ class QueueSink:
         d = self.spool.submit(envelope, message)
 
         def durable(_: object) -> None:
-            self.scheduler.enqueue(envelope)
+            self.scheduler.enqueue(envelope, message)
 
         def failed(failure: Failure) -> None:
             # A full disk and an unwritable spool both mean "storage": 452 4.3.1.

@@ -46,6 +46,10 @@ log = Logger()
 
 COMMAND_LINE_LIMIT = 2048  # Postfix's line_length_limit; RFC 5321 minimum is 512
 AUTH_LINE_LIMIT = 12288  # RFC 4954 §4
+# While an answer is pending (spool, auth, Redis) pipelined input is held, not parsed;
+# past this much the transport is paused, so a client cannot make the session buffer
+# without bound.  Below it no pause/resume (two epoll calls per message) is needed.
+PAUSE_BUFFER = 256 * 1024
 
 
 class GatewaySMTP(smtp.ESMTP):
@@ -62,6 +66,7 @@ class GatewaySMTP(smtp.ESMTP):
         self.client_ip = ""
         self._buffer = bytearray()
         self._busy = False
+        self._paused = False  # reading stopped: too much input held while busy
         self._closed = False
         self._discarding = False  # skipping the rest of an over-long command line
         self._reader: BodyReader | None = None
@@ -194,6 +199,9 @@ class GatewaySMTP(smtp.ESMTP):
             return
         self.resetTimeout()
         self._buffer += data
+        if self._busy and not self._paused and len(self._buffer) > PAUSE_BUFFER:
+            self._paused = True  # an answer is pending and the client keeps sending
+            self.transport.pauseProducing()
         self._process()
 
     def _process(self) -> None:
@@ -262,10 +270,11 @@ class GatewaySMTP(smtp.ESMTP):
         self._busy = busy
         if busy:
             self.setTimeout(None)
-            self.transport.pauseProducing()
         else:
             self.setTimeout(self.settings.limits.idle_timeout)
-            self.transport.resumeProducing()
+            if self._paused:
+                self._paused = False
+                self.transport.resumeProducing()
 
     # -- commands ---------------------------------------------------------------------------
     def _line(self, line: bytes) -> Reply | Deferred[Reply | None] | None:

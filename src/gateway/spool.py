@@ -241,20 +241,28 @@ class Spool:
                 return directory / qid
         raise NoSuchMessage(qid)
 
-    def remove(self, qid: str) -> Deferred[None]:
-        """Forget a message: its message file, then its state file (see _remove)."""
-        return self._run(self._remove, qid)
+    def remove(self, qid: str, *, durable: bool = True) -> Deferred[None]:
+        """Forget a message: its message file, then its state file (see _remove).
 
-    def _remove(self, qid: str) -> None:
+        ``durable=False`` skips the directory fsyncs.  That is for mail just delivered: a
+        crash before the unlink reaches the disk can only deliver it again, never lose it
+        (Postfix deletes delivered queue files the same way).  Admin removals stay durable.
+        """
+        return self._run(self._remove, qid, durable)
+
+    def _remove(self, qid: str, durable: bool = True) -> None:
         # Message first: a crash in between leaves an orphan state file that scan() deletes,
         # where the other order would leave a stateless message that is delivered again.
+        qid = _checked(qid)
         for directory in (self._queue, self._hold):
             try:
-                (directory / _checked(qid)).unlink()
-                _fsync_dir(directory)
+                (directory / qid).unlink()
             except FileNotFoundError:
-                pass
-        self._unlink_state(qid)
+                continue
+            if durable:
+                _fsync_dir(directory)
+            break
+        self._unlink_state(qid, durable)
 
     def hold(self, qid: str) -> Deferred[None]:
         """Move a message from queue/ to hold/ (NoSuchMessage if it is not in queue/)."""
@@ -355,12 +363,13 @@ class Spool:
                 raise SpoolFull(f"{qid}: {e}") from e
             raise SpoolError(f"{qid}: {e}") from e
 
-    def _unlink_state(self, qid: str) -> None:
+    def _unlink_state(self, qid: str, durable: bool = True) -> None:
         try:
             (self._state / f"{qid}.json").unlink()
         except FileNotFoundError:
             return
-        _fsync_dir(self._state)
+        if durable:
+            _fsync_dir(self._state)
 
     # --- tmp/ names ---------------------------------------------------------------------
     def _tmp_path(self, qid: str) -> Path:
