@@ -91,23 +91,15 @@ class Directory:
         s = self.section
         if not s.tls_verify:
             return ldap3.Tls(validate=ssl.CERT_NONE)
-        return ldap3.Tls(validate=ssl.CERT_REQUIRED,
-                         ca_certs_file=str(s.ca_file) if s.ca_file else None,
-                         valid_names=[s.tls_name] if s.tls_name else None,
-                         sni=s.tls_name, version=ssl.PROTOCOL_TLS_CLIENT)
+        return VerifiedTls(s.ca_file, s.tls_name)
 
     # -- connections ----------------------------------------------------------------------
     def _connect(self, endpoint: Endpoint, user: str | None, password: str | None
                  ) -> ldap3.Connection:
         """An open (TLS) connection bound as ``user``; raises BadCredentials on code 49."""
         s = self.section
-        tls = self._tls
-        if s.tls_verify and not s.tls_name:
-            tls = ldap3.Tls(validate=ssl.CERT_REQUIRED,
-                            ca_certs_file=str(s.ca_file) if s.ca_file else None,
-                            sni=endpoint.host, version=ssl.PROTOCOL_TLS_CLIENT)
         server = ldap3.Server(endpoint.host, port=endpoint.port, use_ssl=endpoint.ldaps,
-                              tls=tls, connect_timeout=s.connect_timeout, get_info=ldap3.NONE)
+                              tls=self._tls, connect_timeout=s.connect_timeout, get_info=ldap3.NONE)
         conn = ldap3.Connection(server, user=user, password=password,
                                 client_strategy=ldap3.SAFE_SYNC,
                                 receive_timeout=max(1, math.ceil(s.receive_timeout)),  # an int: SO_RCVTIMEO
@@ -247,6 +239,29 @@ class Directory:
                                         user=escape_filter_chars(user))
         hits = self._search(s.group_base, filter_, [s.group_name_attribute], ldap3.SUBTREE, 1000)
         return tuple(hit["dn"] for hit in hits)
+
+
+class VerifiedTls(ldap3.Tls):
+    """TLS the way the standard library does it: ``ssl.create_default_context`` (the CA
+    file or the system store, CERT_REQUIRED, TLS 1.2+) with ``check_hostname`` against
+    ``name`` (else the server's host), which is also sent as SNI.
+
+    ldap3's own check (``Tls(valid_names=...)``) accepts a certificate that matches the
+    connected address *or* any of the extra names, so a configured ``tls_name`` would
+    not be enforced; this one verifies exactly the name asked for, during the handshake.
+    """
+
+    def __init__(self, ca_file: Any, name: str | None) -> None:
+        super().__init__(validate=ssl.CERT_REQUIRED,
+                         ca_certs_file=str(ca_file) if ca_file else None)
+        self.context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self.name = name
+
+    def wrap_socket(self, connection: Any, do_handshake: bool = False) -> None:
+        connection.socket = self.context.wrap_socket(
+            connection.socket, server_side=False, do_handshake_on_connect=do_handshake,
+            server_hostname=self.name or connection.server.host)
 
 
 def group_name(dn: str, attribute: str = "cn") -> str:

@@ -23,7 +23,9 @@ from gateway import reply as R
 from gateway import tls
 from gateway.auth import AuthThrottle, make_portal
 from gateway.auth_file import FileChecker
+from gateway.auth_ldap import LdapChecker
 from gateway.config import Config, ListenerSection, describe
+from gateway.config_auth import configured_backends
 from gateway.control import ControlService, QueueControl
 from gateway.envelope import Envelope
 from gateway.listener import ConnectionCounter, ListenerContext, ListenerSettings
@@ -103,14 +105,33 @@ class GatewayService(service.MultiService):
                                              config.limits.max_connections_per_ip)
         self.throttle = AuthThrottle(config.auth.max_failures, config.auth.failure_window,
                                      store=self.limiter.store)
-        self.portal = self._portal()
+        self.checkers = self._checkers()
+        self._portals: dict[tuple[str, ...], Portal] = {}
         self.options = XHeaderPolicy(config.options)
 
-    def _portal(self) -> Portal | None:
-        checkers = []
-        if self.config.auth.users_file is not None:
-            checkers.append(FileChecker(self.config.auth.users_file, self.reactor, self.auth_pool))
-        return make_portal(checkers) if checkers else None
+    def _checkers(self) -> dict[str, Any]:
+        """One checker per backend configured in ``[auth]``, by name."""
+        auth = self.config.auth
+        checkers: dict[str, Any] = {}
+        if auth.ldap is not None:
+            ldap = LdapChecker(auth.ldap, self.reactor)
+            ldap.setServiceParent(self)
+            checkers["ldap"] = ldap
+        if auth.users_file is not None:
+            checkers["file"] = FileChecker(auth.users_file, self.reactor, self.auth_pool)
+        return checkers
+
+    def portal_for(self, listener: ListenerSection) -> Portal | None:
+        """The listener's checker chain (``auth = [...]``, default: every backend, in the
+        order ldap, omicard, file); one portal per distinct chain."""
+        names = listener.auth or configured_backends(self.config.auth)
+        names = tuple(n for n in names if n in self.checkers)
+        if not names:
+            return None
+        if names not in self._portals:
+            self._portals[names] = make_portal([self.checkers[n] for n in names], self.reactor,
+                                               self.config.auth.failure_floor)
+        return self._portals[names]
 
     def _certificate(self, listener: ListenerSection) -> tuple[Path, Path]:
         if listener.certificate is not None and listener.private_key is not None:
@@ -128,7 +149,7 @@ class GatewayService(service.MultiService):
             creator = tls.server_creator(cert, key, listener.tls_min_version)
             context = ListenerContext(
                 settings=ListenerSettings.from_config(listener, self.config),
-                clock=self.reactor, portal=self.portal,
+                clock=self.reactor, portal=self.portal_for(listener),
                 starttls_creator=None if listener.mode == "smtps" else creator,
                 sink=self.sink, throttle=self.throttle, connections=self.connections,
                 options=self.options, limiter=self.limiter)

@@ -415,11 +415,22 @@ class GatewaySMTP(smtp.ESMTP):
             self.transport.write(b"334 " + outcome + b"\r\n")
             return None
         self._exchange = None
-        login = self.context.portal.login(
-            UsernamePassword(outcome.username.encode(), outcome.password.encode()), None, IPrincipal)
-        return login.addCallbacks(self._auth_ok, self._auth_failed,
+
+        def login(blocked: bool) -> Deferred[Reply]:
+            if blocked:
+                maillog.auth_failed(self.session, self.client_ip, outcome.username,
+                                    exchange.mechanism, "user name over the AUTH failure limit")
+                return R.TOO_MANY_AUTH_FAILURES
+            d = self.context.portal.login(UsernamePassword(outcome.username.encode(),
+                                                           outcome.password.encode()),
+                                          None, IPrincipal)
+            return d.addCallbacks(self._auth_ok, self._auth_failed,
                                   callbackArgs=(exchange.mechanism,),
                                   errbackArgs=(exchange.mechanism, outcome.username))
+
+        d = self.context.throttle.user_blocked(outcome.username)
+        d.addErrback(self._throttle_unavailable)
+        return d.addCallback(login).addErrback(self._refused_async, "AUTH")
 
     def _auth_ok(self, result: tuple[Any, Principal, Callable[[], None]], mechanism: str) -> Reply:
         _iface, principal, logout = result
@@ -443,7 +454,7 @@ class GatewaySMTP(smtp.ESMTP):
                     return R.TOO_MANY_AUTH_FAILURES
                 return R.AUTH_FAILED
 
-            d = throttle.record_failure(self.client_ip)
+            d = throttle.record_failure(self.client_ip, username)
             d.addErrback(lambda f: f.trap(LimiterUnavailable) and None)
             return d.addCallback(counted)
         reason = "backend unavailable" if failure.check(BackendUnavailable) else repr(failure.value)
