@@ -16,8 +16,8 @@ from twisted.internet import reactor, task
 from gateway.auth import BackendUnavailable, Identity
 from gateway.auth_ldap import LdapChecker, option_defaults
 from gateway.config_auth import LdapSection
-from slapdrig import SERVICE_DN, SERVICE_PASSWORD, SUFFIX, Slapd, free_port
 from pki import TestCA
+from slapdrig import SERVICE_DN, SERVICE_PASSWORD, SUFFIX, Slapd, free_port
 
 warnings.filterwarnings("ignore", message=".*(tagMap|typeMap).*", category=DeprecationWarning)
 
