@@ -5,7 +5,6 @@ mapping, injection attempts, the cache, and the directory going away and coming 
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import pytest
 import pytest_twisted
@@ -19,27 +18,7 @@ from gateway.config_auth import LdapSection
 from pki import TestCA
 from slapdrig import SERVICE_DN, SERVICE_PASSWORD, SUFFIX, Slapd, free_port
 
-warnings.filterwarnings("ignore", message=".*(tagMap|typeMap).*", category=DeprecationWarning)
-
 PEOPLE = f"ou=people,{SUFFIX}"
-
-
-@pytest.fixture(scope="module")
-def slapd(tmp_path_factory, test_ca):
-    server = Slapd(tmp_path_factory.mktemp("slapd"), test_ca)
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def running(slapd):
-    """The directory, running again after a test that stopped or froze it."""
-    yield slapd
-    if slapd.proc is None:
-        slapd.start()
-    else:
-        slapd.thaw()
 
 
 def search_section(slapd: Slapd, **changes) -> LdapSection:
@@ -187,8 +166,8 @@ async def test_failover_to_the_next_url(slapd, make_checker):
 
 
 @pytest_twisted.ensureDeferred
-async def test_directory_down_gives_454_breaker_then_recovery(running, make_checker):
-    slapd = running
+async def test_directory_down_gives_454_breaker_then_recovery(running_slapd, make_checker):
+    slapd = running_slapd
     checker = make_checker(search_section(slapd, cache_ttl=60))
     assert await outcome(checker, "alice", "alice-pw") == "235"  # now cached
     slapd.stop()
@@ -209,8 +188,8 @@ async def test_directory_down_gives_454_breaker_then_recovery(running, make_chec
 
 
 @pytest_twisted.ensureDeferred
-async def test_frozen_directory_times_out_with_454(running, make_checker):
-    slapd = running
+async def test_frozen_directory_times_out_with_454(running_slapd, make_checker):
+    slapd = running_slapd
     checker = make_checker(search_section(slapd, receive_timeout=1, connect_timeout=1,
                                           breaker_failures=100))
     assert await outcome(checker, "alice", "alice-pw") == "235"  # a pooled service connection

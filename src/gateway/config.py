@@ -36,6 +36,7 @@ from gateway.config_auth import (
     OmicardSection,
     backend_list,
     configured_backends,
+    duration_or_zero,
     parse_ldap,
     parse_omicard,
 )
@@ -348,7 +349,7 @@ _SMARTHOST_KEYS: dict[str, v.Convert] = {
 _AUTH_KEYS: dict[str, v.Convert] = {
     "users_file": v.readable_file, "mechanisms": v.mechanisms,
     "max_failures": v.positive_int, "failure_window": v.duration,
-    "failure_floor": v.duration, "ldap": parse_ldap, "omicard": parse_omicard}
+    "failure_floor": duration_or_zero, "ldap": parse_ldap, "omicard": parse_omicard}
 _LIMITS_KEYS: dict[str, v.Convert] = {
     "max_message_size": v.size, "max_recipients": v.positive_int,
     "max_line_length": v.int_range(200, 998),

@@ -91,6 +91,13 @@ def _urls(value: Any, path: str, ctx: Context) -> tuple[str, ...]:
     return tuple(out)
 
 
+def duration_or_zero(value: Any, path: str, ctx: Context) -> float:
+    """A duration, or 0 (off)."""
+    if value == 0 and not isinstance(value, bool):
+        return 0.0
+    return v.duration(value, path, ctx)
+
+
 def _names(value: Any, path: str, ctx: Context) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise ConfigError(path, "must be a list of strings")
@@ -119,7 +126,7 @@ _LDAP_KEYS: dict[str, v.Convert] = {
     "group_filter": _template("dn", "user"), "group_name_attribute": v.string,
     "sender_attributes": _names, "class_attribute": v.string, "options_attribute": v.string,
     "connect_timeout": v.duration, "receive_timeout": v.duration,
-    "pool_size": v.int_range(1, 64), "cache_ttl": v.duration,
+    "pool_size": v.int_range(1, 64), "cache_ttl": duration_or_zero,
     "breaker_failures": v.positive_int, "breaker_cooldown": v.duration}
 
 
@@ -156,7 +163,7 @@ def parse_ldap(raw: Any, path: str, ctx: Context) -> LdapSection:
 
 
 _OMICARD_KEYS: dict[str, v.Convert] = {
-    "cache_ttl": v.duration, "timeout": v.duration, "domains": _names,
+    "cache_ttl": duration_or_zero, "timeout": v.duration, "domains": _names,
     "senders_from_login": v.boolean, "relay_as_user": v.boolean, "key_file": v.readable_file}
 
 
