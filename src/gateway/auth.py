@@ -41,6 +41,12 @@ class BackendUnavailable(Exception):
     """A checker could not decide (directory down, users file unreadable): 454 4.7.0."""
 
 
+def valid_login(user: str) -> bool:
+    """False for names that can never be a login, before any backend is asked: empty,
+    over 256 characters, control characters (NUL above all)."""
+    return 0 < len(user) <= 256 and not any(ord(ch) < 32 or ord(ch) == 127 for ch in user)
+
+
 class FrozenAttributes(Mapping[str, Any]):
     """An immutable, hashable mapping; lists become tuples, dicts become FrozenAttributes."""
 

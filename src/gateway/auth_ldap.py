@@ -31,7 +31,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from gateway import xheaders as X
-from gateway.auth import BackendUnavailable, Identity, SenderPolicy
+from gateway.auth import BackendUnavailable, Identity, SenderPolicy, valid_login
 from gateway.authcache import PositiveCache
 from gateway.config_auth import LdapSection
 from gateway.ldapdir import (
@@ -40,7 +40,6 @@ from gateway.ldapdir import (
     DirectoryError,
     DirectoryUser,
     group_name,
-    valid_login,
 )
 
 log = Logger(namespace="gateway.auth.ldap")

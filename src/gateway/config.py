@@ -34,11 +34,13 @@ from gateway import config_values as v
 from gateway.config_auth import (
     LdapSection,
     OmicardSection,
+    UpstreamAccountSection,
     backend_list,
     configured_backends,
     duration_or_zero,
     parse_ldap,
     parse_omicard,
+    parse_upstream_accounts,
 )
 from gateway.config_ratelimit import (
     RateLimitSection,
@@ -51,7 +53,7 @@ from gateway.options_config import OptionsSection, parse_options
 
 __all__ = [
     "AuthSection", "Config", "ConfigError", "DEFAULT_TOML", "GatewaySection", "LdapSection",
-    "LimitsSection", "ListenerSection", "OmicardSection", "OptionsSection", "QueueSection", "RateLimitSection",
+    "LimitsSection", "ListenerSection", "OmicardSection", "UpstreamAccountSection", "OptionsSection", "QueueSection", "RateLimitSection",
     "RateOverrideSection", "RateRuleSection", "RelaySection", "SmarthostFallback",
     "SmarthostSection", "TLSSection",
     "default_config", "describe", "load_config", "parse_config",
@@ -161,6 +163,7 @@ class AuthSection:
     failure_floor: float = 0.3  # a failed AUTH answers no sooner than this (seconds)
     ldap: LdapSection | None = None  # [auth.ldap]
     omicard: OmicardSection | None = None  # [auth.omicard]
+    upstream_accounts: tuple[UpstreamAccountSection, ...] = ()  # [[auth.upstream_accounts]]
 
 
 @dataclass(frozen=True)
@@ -301,6 +304,8 @@ def describe(config: Config) -> list[str]:
                      + f" bind_password={'<set>' if config.auth.ldap.bind_password else '-'}")
     if config.auth.omicard is not None:
         lines.append(_line("auth.omicard", config.auth.omicard))
+    for i, account in enumerate(config.auth.upstream_accounts):
+        lines.append(_line(f"auth.upstream_accounts[{i}]", account) + " password=<set>")
     lines += [_line("limits", config.limits),
               _line("queue", config.queue), _options_line(config.options)]
     lines.append(_ratelimit_line(config.ratelimit))
@@ -349,7 +354,8 @@ _SMARTHOST_KEYS: dict[str, v.Convert] = {
 _AUTH_KEYS: dict[str, v.Convert] = {
     "users_file": v.readable_file, "mechanisms": v.mechanisms,
     "max_failures": v.positive_int, "failure_window": v.duration,
-    "failure_floor": duration_or_zero, "ldap": parse_ldap, "omicard": parse_omicard}
+    "failure_floor": duration_or_zero, "ldap": parse_ldap, "omicard": parse_omicard,
+    "upstream_accounts": parse_upstream_accounts}
 _LIMITS_KEYS: dict[str, v.Convert] = {
     "max_message_size": v.size, "max_recipients": v.positive_int,
     "max_line_length": v.int_range(200, 998),
@@ -580,6 +586,7 @@ def _value_text(name: str, value: Any, type_name: str) -> str:
         return str(value).lower()
     if isinstance(value, tuple):
         return ",".join(f"{item.port}/{item.security}" if isinstance(item, SmarthostFallback)
+                        else item.name if isinstance(item, UpstreamAccountSection)
                         else str(item) for item in value) or "-"
     if name == "messages_per_second":
         return f"{value:g}/s" if value else "unlimited"

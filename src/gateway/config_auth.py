@@ -64,9 +64,21 @@ class OmicardSection:
     timeout: float = 15.0  # the whole check, per smarthost
     domains: tuple[str, ...] = ()  # only logins ending in @one of these; empty: any
     senders_from_login: bool = True  # an address login may use itself as the sender
+    senders: tuple[str, ...] = ()  # patterns every OMICard user may also send as
     relay_as_user: bool = True  # relay their mail with their own credentials
     key_file: Path | None = None  # key for credentials at rest; else $CREDENTIALS_DIRECTORY
     # /itpison-gateway-key, else state_dir/credential.key (made on first start)
+
+
+@dataclass(frozen=True)
+class UpstreamAccountSection:
+    """One ``[[auth.upstream_accounts]]``: the smarthost account for members of groups."""
+
+    name: str  # recorded with queued mail: keep it stable
+    groups: tuple[str, ...]  # group names (LDAP cn, users file groups)
+    username: str
+    password_file: Path
+    password: str = field(default="", repr=False)  # from the file
 
 
 def _urls(value: Any, path: str, ctx: Context) -> tuple[str, ...]:
@@ -162,8 +174,18 @@ def parse_ldap(raw: Any, path: str, ctx: Context) -> LdapSection:
     return LdapSection(**values)
 
 
+def _sender_patterns(value: Any, path: str, ctx: Context) -> tuple[str, ...]:
+    from gateway.auth import SenderPolicy
+
+    try:
+        return SenderPolicy.parse(_names(value, path, ctx)).patterns
+    except ValueError as e:
+        raise ConfigError(path, str(e)) from None
+
+
 _OMICARD_KEYS: dict[str, v.Convert] = {
     "cache_ttl": duration_or_zero, "timeout": v.duration, "domains": _names,
+    "senders": _sender_patterns,
     "senders_from_login": v.boolean, "relay_as_user": v.boolean, "key_file": v.readable_file}
 
 
@@ -173,6 +195,35 @@ def parse_omicard(raw: Any, path: str, ctx: Context) -> OmicardSection:
     values = _table(raw, path, _OMICARD_KEYS, ctx)
     values["domains"] = tuple(d.lower().lstrip("@") for d in values.get("domains", ()))
     return OmicardSection(**values)
+
+
+_ACCOUNT_KEYS: dict[str, v.Convert] = {
+    "name": v.listener_name, "groups": _names, "username": v.string,
+    "password_file": v.file_path}
+
+
+def parse_upstream_accounts(raw: Any, path: str, ctx: Context
+                            ) -> tuple[UpstreamAccountSection, ...]:
+    """``[[auth.upstream_accounts]]``: name, groups, username, password_file (all required)."""
+    from gateway.config import _table
+
+    if not isinstance(raw, list):
+        raise ConfigError(path, "must be an array of tables: write [[auth.upstream_accounts]]")
+    out: list[UpstreamAccountSection] = []
+    for i, item in enumerate(raw):
+        where = f"{path}[{i}]"
+        values = _table(item, where, _ACCOUNT_KEYS, ctx, {"password": "never put the"
+                        " password in this file: write it to a file and set password_file"})
+        for key in ("name", "groups", "username", "password_file"):
+            if key not in values:
+                raise ConfigError(f"{where}.{key}", "required")
+        if not values["groups"]:
+            raise ConfigError(f"{where}.groups", "name at least one group")
+        if any(a.name == values["name"] for a in out):
+            raise ConfigError(f"{where}.name", f"{values['name']!r} is used twice")
+        values["password"] = v.read_password(values["password_file"], f"{where}.password_file")
+        out.append(UpstreamAccountSection(**values))
+    return tuple(out)
 
 
 def backend_list(value: Any, path: str, ctx: Context) -> tuple[str, ...]:

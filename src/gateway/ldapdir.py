@@ -27,10 +27,10 @@ from ldap3.core import exceptions as lx
 from ldap3.utils.conv import escape_filter_chars
 from ldap3.utils.dn import escape_rdn, parse_dn
 
+from gateway.auth import valid_login
 from gateway.config_auth import LdapSection
 
 INVALID_CREDENTIALS = 49
-_MAX_USER = 256
 
 
 class BadCredentials(Exception):
@@ -64,12 +64,6 @@ def endpoints(section: LdapSection) -> tuple[Endpoint, ...]:
         out.append(Endpoint(url, parts.hostname or "", parts.port or (636 if ldaps else 389),
                             ldaps))
     return tuple(out)
-
-
-def valid_login(user: str) -> bool:
-    """Names that can never be a login: empty, too long, control characters (NUL)."""
-    return 0 < len(user) <= _MAX_USER and not any(ord(ch) < 32 or ord(ch) == 127
-                                                  for ch in user)
 
 
 class Directory:

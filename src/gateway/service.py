@@ -24,6 +24,7 @@ from gateway import tls
 from gateway.auth import AuthThrottle, make_portal
 from gateway.auth_file import FileChecker
 from gateway.auth_ldap import LdapChecker
+from gateway.auth_omicard import OmicardChecker
 from gateway.config import Config, ListenerSection, describe
 from gateway.config_auth import configured_backends
 from gateway.control import ControlService, QueueControl
@@ -39,6 +40,7 @@ from gateway.scheduler import Scheduler
 from gateway.sendrate import send_rate
 from gateway.smtpd import GatewaySMTPFactory
 from gateway.spool import Spool, SpoolError, SpoolFull
+from gateway.upstream import CredentialSealer, UpstreamPolicy, load_key
 
 log = Logger()
 CONTROL_SOCKET = "control.sock"  # in gateway.state_dir; `itpison-gateway queue` talks to it
@@ -88,7 +90,9 @@ class GatewayService(service.MultiService):
         self.spool_pool = ThreadPool(minthreads=1, maxthreads=4, name="spool")
         self.auth_pool = ThreadPool(minthreads=1, maxthreads=4, name="auth")
         self.spool = Spool(config.gateway.state_dir / "spool", reactor, self.spool_pool)
-        self.relay = SmarthostRelay(config.smarthosts, config.relay, config.gateway.hostname, reactor)
+        self.upstream = self._upstream()
+        self.relay = SmarthostRelay(config.smarthosts, config.relay, config.gateway.hostname,
+                                    reactor, upstream=self.upstream)
         self.limiter = RateLimiter(config.ratelimit, _limit_store(config, reactor), reactor)
         self.limiter.setServiceParent(self)
         self.scheduler = Scheduler(self.spool, self.relay, config.queue, config.gateway.hostname,
@@ -117,9 +121,25 @@ class GatewayService(service.MultiService):
             ldap = LdapChecker(auth.ldap, self.reactor)
             ldap.setServiceParent(self)
             checkers["ldap"] = ldap
+        if auth.omicard is not None:
+            checkers["omicard"] = OmicardChecker(auth.omicard, self.config.smarthosts,
+                                                 self.config.relay, self.config.gateway.hostname,
+                                                 self.reactor, connector=self.relay.connector)
         if auth.users_file is not None:
             checkers["file"] = FileChecker(auth.users_file, self.reactor, self.auth_pool)
         return checkers
+
+    def _upstream(self) -> UpstreamPolicy | None:
+        """Per-user and per-group upstream accounts; None: everything under the global one.
+        The credential key is loaded (or made) only when OMICard users relay as themselves."""
+        auth = self.config.auth
+        sealer = None
+        if auth.omicard is not None and auth.omicard.relay_as_user:
+            sealer = CredentialSealer(load_key(auth.omicard.key_file,
+                                               self.config.gateway.state_dir))
+        if sealer is None and not auth.upstream_accounts:
+            return None
+        return UpstreamPolicy(sealer, auth.upstream_accounts)
 
     def portal_for(self, listener: ListenerSection) -> Portal | None:
         """The listener's checker chain (``auth = [...]``, default: every backend, in the
@@ -152,7 +172,7 @@ class GatewayService(service.MultiService):
                 clock=self.reactor, portal=self.portal_for(listener),
                 starttls_creator=None if listener.mode == "smtps" else creator,
                 sink=self.sink, throttle=self.throttle, connections=self.connections,
-                options=self.options, limiter=self.limiter)
+                options=self.options, limiter=self.limiter, upstream=self.upstream)
             self.contexts.append(context)
             factory: Any = GatewaySMTPFactory(context)
             if listener.mode == "smtps":

@@ -23,7 +23,7 @@ from typing import Any
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import ISSLTransport, ITLSTransport
 from twisted.logger import Logger
 from twisted.mail import smtp
@@ -624,10 +624,16 @@ class GatewaySMTP(smtp.ESMTP):
                                  tls=describe_tls(self.transport), recipients=recipients, when=now)
         message = header + body.data
         auth_user = self.principal.name if self.principal and self.principal.authenticated else None
+        try:  # the upstream account the message goes out under (gateway.upstream)
+            extra = (self.context.upstream.record(self.principal, qid)
+                     if self.context.upstream is not None else {})
+        except Exception:
+            log.failure("{session} recording the upstream account", session=self.session)
+            return succeed(R.LOCAL_ERROR)
         envelope = Envelope(queue_id=qid, sender=str(sender), recipients=tuple(recipients),
                             received_at=now, client_ip=self.client_ip, client_helo=self.helo or "",
                             auth_user=auth_user, listener=self.settings.name,
-                            body_8bit=body.is_8bit, size=len(message))
+                            body_8bit=body.is_8bit, size=len(message), extra=extra)
         d = maybeDeferred(self.context.sink.submit, envelope, message)
 
         def queued(_: object) -> Reply:
