@@ -152,14 +152,36 @@ def _config(tmp_path: Path, auth=None, listener=None):
      "auth.ldap.bind_template"),
     ({"ldap": {"urls": ["ldaps://dc"], "bind_template": "{user}", "bind_password": "x"}}, None,
      "auth.ldap.bind_password"),
+    ({"omicard": {"senders": ["*@x.example"]}}, None, "auth.omicard.senders"),
+    ({"omicard": {"cache": 1}}, None, "auth.omicard.cache"),
+    ({"upstream_accounts": {"name": "x"}}, None, "auth.upstream_accounts"),
+    ({"upstream_accounts": [{"name": "x", "groups": ["g"], "username": "u"}]}, None,
+     "auth.upstream_accounts[0].password_file"),
+    ({"upstream_accounts": [{"name": "x", "groups": [], "username": "u",
+                             "password_file": "a.pass"}]}, None,
+     "auth.upstream_accounts[0].groups"),
+    ({"upstream_accounts": [{"name": "x", "groups": ["g"], "username": "u",
+                             "password": "p"}]}, None, "auth.upstream_accounts[0].password"),
+    ({"upstream_accounts": [{"name": n, "groups": ["g"], "username": "u",
+                             "password_file": "a.pass"} for n in ("x", "x")]}, None,
+     "auth.upstream_accounts[1].name"),
     ({"ldap": {"urls": ["ldaps://dc"], "bind_template": "{user}", "tls_verify": False,
                "ca_file": "ca.pem"}}, None, "auth.ldap.ca_file"),
 ])
 def test_auth_config_errors_name_the_key(tmp_path, auth, listener, path):
+    (tmp_path / "a.pass").write_text("x\n")
     (tmp_path / "ca.pem").write_text("not read before the check\n")
     with pytest.raises(ConfigError) as e:
         _config(tmp_path, auth, listener)
     assert e.value.path == path
+
+
+def test_omicard_refuses_plaintext_smarthosts(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        parse_config({"smarthosts": [{"host": "a.example", "security": "none"}],
+                      "listeners": [{"endpoint": "tcp:0", "mode": "submission"}],
+                      "auth": {"omicard": {}}}, base_dir=tmp_path)
+    assert e.value.path == "auth.omicard"
 
 
 def test_ldap_config_reads_the_service_password_from_a_file(tmp_path):

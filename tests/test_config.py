@@ -609,7 +609,8 @@ def test_describe_gives_one_line_per_section(tmp_path: Path, server_cert) -> Non
                         " connection_idle_timeout=30s connection_max_age=10m"
                         " messages_per_second=unlimited breaker_failures=3 breaker_cooldown=30s")
     assert lines[6] == ("auth: users_file=- mechanisms=PLAIN,LOGIN max_failures=5"
-                        " failure_window=5m failure_floor=0.3s ldap=- omicard=-")
+                        " failure_window=5m failure_floor=0.3s ldap=- omicard=-"
+                        " upstream_accounts=-")
     assert lines[7].startswith("limits: max_message_size=36700160 (35M) max_recipients=1000")
     assert lines[8] == "queue: max_lifetime=5d retry_min=1m retry_max=1h concurrency=20"
     assert lines[9].startswith("options: forbidden=refuse local_time_zone=- time_format=iso8601")
@@ -631,9 +632,11 @@ SECTION_CLASSES = {"gateway": C.GatewaySection, "tls": C.TLSSection,
                    "options": C.OptionsSection,
                    "ratelimit": C.RateLimitSection, "ratelimit.rules": C.RateRuleSection,
                    "ratelimit.overrides": C.RateOverrideSection,
-                   "auth.ldap": C.LdapSection}
+                   "auth.ldap": C.LdapSection, "auth.omicard": C.OmicardSection,
+                   "auth.upstream_accounts": C.UpstreamAccountSection}
 NOT_IN_TOML = {("smarthosts", "password"), ("ratelimit", "redis_password"),
                ("auth.ldap", "bind_password"), ("auth", "ldap"), ("auth", "omicard"),
+               ("auth", "upstream_accounts"), ("auth.upstream_accounts", "password"),
                ("ratelimit", "rules"), ("ratelimit", "overrides")}
 SUBTABLES = {"ratelimit.rules", "ratelimit.overrides"}  # arrays of tables with fields of their own
 
@@ -664,6 +667,7 @@ def test_etc_example_loads(tmp_path: Path, server_cert) -> None:
     write(tmp_path / "cert.pem", server_cert.cert.read_bytes())
     write(tmp_path / "key.pem", server_cert.key.read_bytes())
     write(tmp_path / "smarthost.pass", "omicard-password\n")
+    write(tmp_path / "marketing.pass", "marketing-password\n")
     write(tmp_path / "users.toml", "")
     config = load_config(write(tmp_path / "itpison-gateway.toml", text))
     assert config.gateway == C.GatewaySection("gw.example.test",

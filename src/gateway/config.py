@@ -271,12 +271,18 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path,
     auth = AuthSection(**_table(data.get("auth", {}), "auth", _AUTH_KEYS, ctx))
     listeners = _listeners(data.get("listeners", []), ctx)
     _check_listener_backends(listeners, auth)
+    smarthosts = _smarthosts(data.get("smarthosts", []), ctx)
+    if auth.omicard is not None:
+        for i, host in enumerate(smarthosts):
+            if host.security == "none" and not host.allow_insecure_auth:
+                raise ConfigError("auth.omicard", f"smarthosts[{i}] has security = \"none\":"
+                                  " OMICard passwords would cross the network in clear")
     return Config(
         gateway=_gateway(data.get("gateway", {}), ctx),
         tls=TLSSection(*_key_pair(_table(data.get("tls", {}), "tls", _TLS_KEYS, ctx), "tls")),
         listeners=listeners,
         relay=RelaySection(**_table(data.get("relay", {}), "relay", _RELAY_KEYS, ctx)),
-        smarthosts=_smarthosts(data.get("smarthosts", []), ctx),
+        smarthosts=smarthosts,
         auth=auth,
         limits=_limits(data.get("limits", {}), ctx),
         queue=_queue(data.get("queue", {}), ctx),
