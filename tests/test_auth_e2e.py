@@ -134,5 +134,12 @@ async def test_failures_per_address(gateway):
     for user in ("u1", "u2"):
         assert (await run(gateway, "submission", user, "x", source="127.0.0.9"))[0] == 535
     assert (await run(gateway, "submission", "u3", "x", source="127.0.0.9"))[0] == 421
+    # the 421 really ends the session: its connection slot is free again (the session
+    # was paused waiting for the answer; a close must not wait for input forever)
+    for _ in range(100):
+        if "127.0.0.9" not in gateway.service.connections.per_ip:
+            break
+        await task.deferLater(reactor, 0.05, lambda: None)
+    assert "127.0.0.9" not in gateway.service.connections.per_ip
     assert (await run(gateway, "submission", "alice", "alice-pw", source="127.0.0.9"))[0] == 421
     assert (await run(gateway, "submission", "alice", "alice-pw", source="127.0.0.10"))[0] == 235

@@ -46,6 +46,7 @@ log = Logger()
 
 COMMAND_LINE_LIMIT = 2048  # Postfix's line_length_limit; RFC 5321 minimum is 512
 AUTH_LINE_LIMIT = 12288  # RFC 4954 §4
+CLOSE_GRACE = 10.0  # seconds a closed session waits for the client's side before an abort
 
 
 class GatewaySMTP(smtp.ESMTP):
@@ -186,7 +187,13 @@ class GatewaySMTP(smtp.ESMTP):
         self._closed = True
         self._buffer.clear()
         self.setTimeout(None)
+        # Input may be paused (an answer was pending): read again, or a TLS close would
+        # wait forever for the client's close_notify or FIN, holding a connection slot.
+        self.transport.resumeProducing()
         self.transport.loseConnection()
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = self.clock.callLater(CLOSE_GRACE, self.transport.abortConnection)
 
     # -- input framing ----------------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
