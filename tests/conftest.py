@@ -39,6 +39,27 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory):
     server.kill()
 
 
+@pytest.fixture(scope="module")
+def slapd(tmp_path_factory: pytest.TempPathFactory, test_ca: TestCA):
+    """A real slapd for the module (tests/slapdrig.py: ``.url`` with StartTLS,
+    ``.ldaps_url``, ``.stop()``/``.start()``, ``.freeze()``/``.thaw()``)."""
+    from slapdrig import Slapd
+    server = Slapd(tmp_path_factory.mktemp("slapd"), test_ca)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def running_slapd(slapd):
+    """``slapd``, brought back after a test that stopped or froze it."""
+    yield slapd
+    if slapd.proc is None:
+        slapd.start()
+    else:
+        slapd.thaw()
+
+
 @pytest.fixture
 def pool():
     """A started thread pool for spool I/O, stopped after the test."""

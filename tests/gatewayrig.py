@@ -29,12 +29,14 @@ class Gateway:
     def tls_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.ca_file))
 
-    def smtp(self, mode: str = "smtp") -> smtplib.SMTP:
-        """A connected smtplib client (blocking: call it inside a thread)."""
+    def smtp(self, mode: str = "smtp", source: str | None = None) -> smtplib.SMTP:
+        """A connected smtplib client (blocking: call it inside a thread); ``source`` is
+        another loopback address to connect from (127.0.0.2, ...)."""
+        address = (source, 0) if source else None
         if mode == "smtps":
             return smtplib.SMTP_SSL("127.0.0.1", self.ports[mode], context=self.tls_context(),
-                                    timeout=20)
-        return smtplib.SMTP("127.0.0.1", self.ports[mode], timeout=20)
+                                    timeout=20, source_address=address)
+        return smtplib.SMTP("127.0.0.1", self.ports[mode], timeout=20, source_address=address)
 
     def raw(self, mode: str = "smtp") -> RawClient:
         return RawClient(socket.create_connection(("127.0.0.1", self.ports[mode]), timeout=20))
@@ -91,14 +93,16 @@ def smarthost_entry(port: int, ca_file: Path, *, security: str = "smtps",
 
 async def start_gateway(tmp_path: Path, test_ca: Any, server_cert: Any, smarthosts: list[dict],
                         *, users: dict[str, tuple[str, list[str]]] | None = None,
+                        listeners: list[dict[str, Any]] | None = None,
                         **sections: dict[str, Any]) -> Gateway:
-    """A GatewayService with smtp, submission and smtps listeners on free ports."""
+    """A GatewayService with smtp, submission and smtps listeners on free ports (or the
+    given ``listeners``, each on port 0 of 127.0.0.1)."""
     state = tmp_path / "state"
     data: dict[str, Any] = {
         "gateway": {"hostname": "gw.example.test", "state_dir": str(state)},
         "tls": {"certificate": str(server_cert.cert), "private_key": str(server_cert.key)},
-        "listeners": [{"endpoint": "tcp:0:interface=127.0.0.1", "mode": m}
-                      for m in ("smtp", "submission", "smtps")],
+        "listeners": [{"endpoint": "tcp:0:interface=127.0.0.1", **item} for item in
+                      listeners or [{"mode": m} for m in ("smtp", "submission", "smtps")]],
         "smarthosts": smarthosts,
         "queue": {"retry_min": 1, "retry_max": 2},
     }

@@ -14,6 +14,7 @@ a ``Principal``, the per-login policy object the later stages consult.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,7 @@ from twisted.cred import error as cred_error
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
@@ -38,6 +39,12 @@ UnauthorizedLogin = cred_error.UnauthorizedLogin
 
 class BackendUnavailable(Exception):
     """A checker could not decide (directory down, users file unreadable): 454 4.7.0."""
+
+
+def valid_login(user: str) -> bool:
+    """False for names that can never be a login, before any backend is asked: empty,
+    over 256 characters, control characters (NUL above all)."""
+    return 0 < len(user) <= 256 and not any(ord(ch) < 32 or ord(ch) == 127 for ch in user)
 
 
 class FrozenAttributes(Mapping[str, Any]):
@@ -233,17 +240,37 @@ class CheckerChain:
     Any other error marks the backend unavailable, is logged, and also moves on.  When no
     checker succeeds: ``BackendUnavailable`` if any backend was unavailable (the user may
     exist there), else ``UnauthorizedLogin``.
+
+    Timing: a failure is answered no sooner than ``floor`` seconds after the attempt
+    started, or than 1.5 times the recent typical failure time if that is longer (an
+    exponential average of the unpadded times, so a slow directory raises the floor by
+    itself).  An unknown user, a wrong password, a user outside the required groups and an
+    unreachable backend thus all take about the same time, and the answer says nothing
+    about which backend, or which step, refused.  Successes are not delayed: the client
+    learns it succeeded anyway.
     """
 
     credentialInterfaces = (IUsernamePassword,)
 
-    def __init__(self, checkers: Sequence[ICredentialsChecker]) -> None:
+    def __init__(self, checkers: Sequence[ICredentialsChecker], clock: IReactorTime | None = None,
+                 floor: float = 0.0) -> None:
         self.checkers = tuple(checkers)
+        self.clock = clock
+        self.floor = floor if clock is not None else 0.0
+        self.typical_failure = 0.0  # exponential average of unpadded failure times
 
     def requestAvatarId(self, credentials: Any) -> defer.Deferred[Identity]:
         return defer.ensureDeferred(self._check(credentials))
 
     async def _check(self, credentials: Any) -> Identity:
+        started = self.clock.seconds() if self.clock is not None else 0.0
+        try:
+            return await self._first_success(credentials)
+        except Exception:
+            await self._pad(started)
+            raise
+
+    async def _first_success(self, credentials: Any) -> Identity:
         unavailable: list[str] = []
         for checker in self.checkers:
             try:
@@ -259,24 +286,43 @@ class CheckerChain:
             raise BackendUnavailable("unavailable: " + ", ".join(unavailable))
         raise cred_error.UnauthorizedLogin("no backend accepted the credentials")
 
+    def minimum(self) -> float:
+        """How long a failure takes at least, now."""
+        return max(self.floor, 1.5 * self.typical_failure) if self.floor > 0 else 0.0
 
-def make_portal(checkers: Sequence[ICredentialsChecker]) -> Portal:
+    async def _pad(self, started: float) -> None:
+        if self.clock is None or self.floor <= 0:
+            return
+        elapsed = self.clock.seconds() - started
+        wait = self.minimum() - elapsed
+        self.typical_failure += 0.1 * (elapsed - self.typical_failure)
+        if wait > 0:
+            await task.deferLater(self.clock, wait)
+
+
+def make_portal(checkers: Sequence[ICredentialsChecker], clock: IReactorTime | None = None,
+                floor: float = 0.0) -> Portal:
     """A portal over ``Realm`` with all checkers behind one ``CheckerChain``."""
-    return Portal(Realm(), [CheckerChain(checkers)])
+    return Portal(Realm(), [CheckerChain(checkers, clock, floor)])
 
 
 class AuthThrottle:
-    """Failed AUTH attempts per client IP, in a sliding window, on a rate-limit store.
+    """Failed AUTH attempts per client IP and per user name, in a sliding window, on a
+    rate-limit store.
 
-    ``blocked(ip)`` is true while ``max_failures`` failures lie within the last ``window``
-    seconds.  A success does not clear the count: one good login must not buy an attacker
-    another round of guesses (on another account, from the same address).  The failures
-    simply age out.
+    ``blocked(ip)`` is true while ``max_failures`` failures from that address lie within
+    the last ``window`` seconds; ``user_blocked(name)`` the same for failures on that user
+    name from any address (a password guessed from many addresses).  Both end the session
+    with 421 4.7.0.  A success does not clear the counts: one good login must not buy an
+    attacker another round of guesses (on another account, from the same address).  The
+    failures simply age out.  The price of the per-name count: an attacker can keep a
+    known user name locked for as long as they keep failing on it.
 
     The store is the rate limiter's (``ratelimit_local.LocalStore`` in this process, or
     ``ratelimit_redis.RedisStore`` shared by every node), so the answers are Deferreds;
-    with the store's ``fail_closed`` they may fail with ``LimiterUnavailable``.  Each IP
+    with the store's ``fail_closed`` they may fail with ``LimiterUnavailable``.  Each key
     keeps at most ``max_failures`` timestamps (``record_failure`` saturates there).
+    User names are stored as a hash (bounded keys, no names in Redis).
     """
 
     def __init__(self, max_failures: int, window: float, clock: IReactorTime | None = None,
@@ -291,9 +337,21 @@ class AuthThrottle:
         self.window = window
         self.store = store
 
-    def record_failure(self, ip: str) -> defer.Deferred[int]:
-        """Count a failed AUTH; fires with the failures within the window (capped)."""
-        return self.store.add_failure(f"authfail:{ip}", self.window, self.max_failures)
+    @staticmethod
+    def _user_key(username: str) -> str:
+        digest = hashlib.sha256(username.casefold().encode("utf-8", "surrogatepass"))
+        return f"authfail-user:{digest.hexdigest()[:32]}"
+
+    def record_failure(self, ip: str, username: str | None = None) -> defer.Deferred[int]:
+        """Count a failed AUTH for the address (and the user name); fires with the larger
+        number of failures within the window (capped at ``max_failures``)."""
+        calls = [self.store.add_failure(f"authfail:{ip}", self.window, self.max_failures)]
+        if username:
+            calls.append(self.store.add_failure(self._user_key(username), self.window,
+                                                self.max_failures))
+        d = defer.gatherResults(calls, consumeErrors=True)
+        d.addErrback(lambda f: f.value.subFailure)  # the first error, unwrapped
+        return d.addCallback(max)
 
     def record_success(self, ip: str) -> defer.Deferred[None]:
         """A successful AUTH changes nothing (see the class docstring)."""
@@ -301,4 +359,8 @@ class AuthThrottle:
 
     def blocked(self, ip: str) -> defer.Deferred[bool]:
         d = self.store.count_failures(f"authfail:{ip}", self.window)
+        return d.addCallback(lambda count: count >= self.max_failures)
+
+    def user_blocked(self, username: str) -> defer.Deferred[bool]:
+        d = self.store.count_failures(self._user_key(username), self.window)
         return d.addCallback(lambda count: count >= self.max_failures)

@@ -25,12 +25,23 @@ import os
 import socket
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any
 
 from gateway import config_values as v
+from gateway.config_auth import (
+    LdapSection,
+    OmicardSection,
+    UpstreamAccountSection,
+    backend_list,
+    configured_backends,
+    duration_or_zero,
+    parse_ldap,
+    parse_omicard,
+    parse_upstream_accounts,
+)
 from gateway.config_ratelimit import (
     RateLimitSection,
     RateOverrideSection,
@@ -41,8 +52,8 @@ from gateway.config_values import ConfigError, Context
 from gateway.options_config import OptionsSection, parse_options
 
 __all__ = [
-    "AuthSection", "Config", "ConfigError", "DEFAULT_TOML", "GatewaySection", "LimitsSection",
-    "ListenerSection", "OptionsSection", "QueueSection", "RateLimitSection",
+    "AuthSection", "Config", "ConfigError", "DEFAULT_TOML", "GatewaySection", "LdapSection",
+    "LimitsSection", "ListenerSection", "OmicardSection", "UpstreamAccountSection", "OptionsSection", "QueueSection", "RateLimitSection",
     "RateOverrideSection", "RateRuleSection", "RelaySection", "SmarthostFallback",
     "SmarthostSection", "TLSSection",
     "default_config", "describe", "load_config", "parse_config",
@@ -76,6 +87,7 @@ class ListenerSection:
     certificate: Path | None = None  # per-listener override of [tls]
     private_key: Path | None = None
     auth_required: bool = False  # true: even trusted networks must AUTH on this listener
+    auth: tuple[str, ...] | None = None  # backends to try, in order; None: all configured
 
 
 _LOCALHOST_NETS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
@@ -146,8 +158,12 @@ class AuthSection:
 
     users_file: Path | None = None  # local users (TOML); None: no local users
     mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
-    max_failures: int = 5  # failed AUTHs per client IP within failure_window
+    max_failures: int = 5  # failed AUTHs per client IP, and per user name, within failure_window
     failure_window: float = 300.0
+    failure_floor: float = 0.3  # a failed AUTH answers no sooner than this (seconds)
+    ldap: LdapSection | None = None  # [auth.ldap]
+    omicard: OmicardSection | None = None  # [auth.omicard]
+    upstream_accounts: tuple[UpstreamAccountSection, ...] = ()  # [[auth.upstream_accounts]]
 
 
 @dataclass(frozen=True)
@@ -252,13 +268,22 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path,
             raise ConfigError(key, f"must be an array of tables: write [[{key}]] (double brackets)")
         if not _SECTIONS[key] and not isinstance(value, dict):
             raise ConfigError(key, f"must be a table: write [{key}] (single brackets)")
+    auth = AuthSection(**_table(data.get("auth", {}), "auth", _AUTH_KEYS, ctx))
+    listeners = _listeners(data.get("listeners", []), ctx)
+    _check_listener_backends(listeners, auth)
+    smarthosts = _smarthosts(data.get("smarthosts", []), ctx)
+    if auth.omicard is not None:
+        for i, host in enumerate(smarthosts):
+            if host.security == "none" and not host.allow_insecure_auth:
+                raise ConfigError("auth.omicard", f"smarthosts[{i}] has security = \"none\":"
+                                  " OMICard passwords would cross the network in clear")
     return Config(
         gateway=_gateway(data.get("gateway", {}), ctx),
         tls=TLSSection(*_key_pair(_table(data.get("tls", {}), "tls", _TLS_KEYS, ctx), "tls")),
-        listeners=_listeners(data.get("listeners", []), ctx),
+        listeners=listeners,
         relay=RelaySection(**_table(data.get("relay", {}), "relay", _RELAY_KEYS, ctx)),
-        smarthosts=_smarthosts(data.get("smarthosts", []), ctx),
-        auth=AuthSection(**_table(data.get("auth", {}), "auth", _AUTH_KEYS, ctx)),
+        smarthosts=smarthosts,
+        auth=auth,
         limits=_limits(data.get("limits", {}), ctx),
         queue=_queue(data.get("queue", {}), ctx),
         options=parse_options(data.get("options", {}), ctx),
@@ -279,7 +304,15 @@ def describe(config: Config) -> list[str]:
     for i, host in enumerate(config.smarthosts):
         password = "<set>" if host.password is not None else "-"
         lines.append(_line(f"smarthosts[{i}]", host) + f" password={password}")
-    lines += [_line("auth", config.auth), _line("limits", config.limits),
+    lines += [_line("auth", config.auth)]
+    if config.auth.ldap is not None:
+        lines.append(_line("auth.ldap", config.auth.ldap)
+                     + f" bind_password={'<set>' if config.auth.ldap.bind_password else '-'}")
+    if config.auth.omicard is not None:
+        lines.append(_line("auth.omicard", config.auth.omicard))
+    for i, account in enumerate(config.auth.upstream_accounts):
+        lines.append(_line(f"auth.upstream_accounts[{i}]", account) + " password=<set>")
+    lines += [_line("limits", config.limits),
               _line("queue", config.queue), _options_line(config.options)]
     lines.append(_ratelimit_line(config.ratelimit))
     return lines
@@ -311,7 +344,7 @@ _TLS_KEYS: dict[str, v.Convert] = {"certificate": v.file_path, "private_key": v.
 _LISTENER_KEYS: dict[str, v.Convert] = {
     "endpoint": v.endpoint, "mode": v.choice("smtp", "submission", "smtps"),
     "name": v.listener_name, "tls_min_version": v.tls_version, "certificate": v.file_path,
-    "private_key": v.file_path, "auth_required": v.boolean}
+    "private_key": v.file_path, "auth_required": v.boolean, "auth": backend_list}
 _RELAY_KEYS: dict[str, v.Convert] = {
     "trusted_networks": v.networks, "connect_timeout": v.duration,
     "greeting_timeout": v.duration, "command_timeout": v.duration, "data_timeout": v.duration,
@@ -326,7 +359,9 @@ _SMARTHOST_KEYS: dict[str, v.Convert] = {
     "allow_insecure_auth": v.boolean, "fallbacks": lambda value, path, ctx: value}
 _AUTH_KEYS: dict[str, v.Convert] = {
     "users_file": v.readable_file, "mechanisms": v.mechanisms,
-    "max_failures": v.positive_int, "failure_window": v.duration}
+    "max_failures": v.positive_int, "failure_window": v.duration,
+    "failure_floor": duration_or_zero, "ldap": parse_ldap, "omicard": parse_omicard,
+    "upstream_accounts": parse_upstream_accounts}
 _LIMITS_KEYS: dict[str, v.Convert] = {
     "max_message_size": v.size, "max_recipients": v.positive_int,
     "max_line_length": v.int_range(200, 998),
@@ -431,6 +466,16 @@ def _listeners(raw: list[Any], ctx: Context) -> tuple[ListenerSection, ...]:
                 values["name"] = f"{mode}-{n}"
             taken.add(values["name"])
     return tuple(ListenerSection(**values) for values in parsed)
+
+
+def _check_listener_backends(listeners: tuple[ListenerSection, ...],
+                             auth: AuthSection) -> None:
+    configured = configured_backends(auth)
+    for i, listener in enumerate(listeners):
+        for j, name in enumerate(listener.auth or ()):
+            if name not in configured:
+                raise ConfigError(f"listeners[{i}].auth[{j}]", f"{name} is not configured in"
+                                  f" [auth] (configured: {', '.join(configured) or 'none'})")
 
 
 def _smarthosts(raw: list[Any], ctx: Context) -> tuple[SmarthostSection, ...]:
@@ -541,10 +586,13 @@ def _queue(raw: Any, ctx: Context) -> QueueSection:
 def _value_text(name: str, value: Any, type_name: str) -> str:
     if value is None:
         return "-"
+    if is_dataclass(value):  # a subsection, described on a line of its own
+        return "configured"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, tuple):
         return ",".join(f"{item.port}/{item.security}" if isinstance(item, SmarthostFallback)
+                        else item.name if isinstance(item, UpstreamAccountSection)
                         else str(item) for item in value) or "-"
     if name == "messages_per_second":
         return f"{value:g}/s" if value else "unlimited"

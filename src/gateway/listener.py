@@ -85,3 +85,4 @@ class ListenerContext:
     limiter: RateLimiter | None = None  # None: no rate limits at all (tests)
     sessions: set[Any] = field(default_factory=set)  # live sessions, for a graceful stop
     options: XHeaderPolicy | None = None  # the X-Header policy; None: headers pass untouched
+    upstream: Any = None  # upstream.UpstreamPolicy; None: every message under the global account

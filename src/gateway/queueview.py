@@ -64,6 +64,9 @@ class QueueEntry:
         }
         if detail:
             data["envelope"] = env.to_json()
+            upstream = data["envelope"].get("extra", {}).get("upstream")
+            if isinstance(upstream, dict) and "sealed" in upstream:  # never shown, even sealed
+                data["envelope"]["extra"]["upstream"] = {**upstream, "sealed": "<hidden>"}
             qs = self.queue_state
             data["recipient_status"] = (
                 [{"recipient": r.recipient, "status": r.status, "code": r.code,

@@ -12,6 +12,13 @@ to the message), or a new one is opened by gateway.smarthost (fallback ports, TL
 EHLO, AUTH).  After the message the connection goes back to the pool, which keeps it for
 the next message within its limits.  A session failure on a host moves the undecided
 recipients to the next host without spending a retry; after the last host they TEMPFAIL.
+
+Upstream identity (gateway.upstream): a message recorded with an account of its own (an
+OMICard user's, or a group's) goes out under that account; the pool is then keyed by
+(smarthost, account), so sessions are never shared between accounts.  An AUTH refusal
+of a user's own credential says nothing about the smarthost: it does not count against
+the breaker.  A message whose account cannot be restored (key lost, account removed)
+is deferred, never sent under another account.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from gateway.trouble import (  # noqa: F401  (the classification API lives in tr
     error_failure,
     reply_failure,
 )
+from gateway.upstream import UpstreamError, UpstreamPolicy
 
 log = Logger(namespace="gateway.relay")
 
@@ -71,7 +79,7 @@ class SmarthostRelay:
     """Implements ``gateway.delivery.Relay`` with a connection pool, breakers and failover."""
 
     def __init__(self, smarthosts: Sequence[SmarthostSection], relay_cfg: RelaySection,
-                 hostname: str, reactor: Any) -> None:
+                 hostname: str, reactor: Any, upstream: UpstreamPolicy | None = None) -> None:
         if not smarthosts:
             raise ValueError("at least one smarthost is needed")
         self.smarthosts = tuple(smarthosts)
@@ -88,6 +96,7 @@ class SmarthostRelay:
                                         relay_cfg.breaker_cooldown, reactor)
                          for h in self.smarthosts]
         self.stats = RelayStats()
+        self.upstream = upstream
 
     def deliver(self, envelope: Envelope, message: bytes) -> defer.Deferred[AttemptResult]:
         return defer.Deferred.fromCoroutine(self._deliver(envelope, message))
@@ -103,6 +112,17 @@ class SmarthostRelay:
             failure = Failed("data", TEMP, 0, "", "message not in canonical form (local error)")
             final = self._fail_all(envelope, "", recipients, failure)
             recipients = []
+        account = None
+        if recipients and self.upstream is not None:
+            try:
+                account = self.upstream.restore(envelope.extra, envelope.queue_id)
+            except UpstreamError as e:
+                log.error("{queue_id} cannot restore the upstream account: {reason}; "
+                          "deferred", queue_id=envelope.queue_id, reason=str(e))
+                failure = Failed("auth", TEMP, 0, "", "upstream account unavailable "
+                                 "(local error)")
+                final = self._fail_all(envelope, "", recipients, failure)
+                recipients = []
         candidates, forced = route(list(range(len(self.smarthosts))), self.breakers)
         for n, index in enumerate(candidates):
             if not recipients:
@@ -111,11 +131,11 @@ class SmarthostRelay:
             if not forced and not breaker.allow():
                 continue  # half-open and another delivery is probing it
             try:
-                attempt = await self._attempt(index, envelope, message, recipients)
+                attempt = await self._attempt(index, envelope, message, recipients, account)
             except defer.CancelledError:
                 breaker.release_probe()
                 raise
-            self._judge(index, attempt)
+            self._judge(index, attempt, account)
             final.update(attempt.results)
             if attempt.address:
                 decided_by = attempt.address
@@ -131,12 +151,19 @@ class SmarthostRelay:
             final.update(self._fail_all(envelope, attempt.address, recipients, failure))
         return AttemptResult(decided_by, tuple(final[r] for r in envelope.recipients))
 
-    def _judge(self, index: int, attempt: _HostAttempt) -> None:
+    def _judge(self, index: int, attempt: _HostAttempt, account: Any = None) -> None:
         """Tell the breaker (and the counters) how the host did."""
         host, breaker = self.smarthosts[index], self.breakers[index]
         failure = attempt.failure
         if failure is None:
             breaker.success()
+            return
+        if account is not None and account.personal and failure.stage == "auth" \
+                and failure.code >= 500:
+            breaker.release_probe()
+            log.warn("smarthost {host} refused the personal credential of {user}: {reason}",
+                     host=failure.address or host.address, user=account.username,
+                     reason=f"{failure.code} {failure.text}")
             return
         breaker.failure()
         self.stats.failovers[host.address] += 1
@@ -149,12 +176,12 @@ class SmarthostRelay:
                          event="smarthost_misconfigured")
 
     async def _attempt(self, index: int, envelope: Envelope, message: bytes,
-                       recipients: list[str]) -> _HostAttempt:
+                       recipients: list[str], account: Any = None) -> _HostAttempt:
         attempt = _HostAttempt({})
         lease: Lease[Session] | None = None
         reusable = False
         try:
-            lease = await self._session(index, attempt)
+            lease = await self._session(index if account is None else (index, account))
             attempt.address = lease.conn.address
             reusable = await self._transaction(lease.conn, attempt, envelope, message,
                                                recipients)
@@ -212,10 +239,11 @@ class SmarthostRelay:
             attempt.results[rcpt] = self._result(envelope, address, rcpt, outcome, reply)
         return True
 
-    async def _session(self, index: int, attempt: _HostAttempt) -> Lease[Session]:
-        """A session ready for MAIL: a pooled one that answers RSET, or a new one."""
+    async def _session(self, key: Any) -> Lease[Session]:
+        """A session ready for MAIL: a pooled one that answers RSET, or a new one.  The
+        key is the smarthost index, or (index, upstream account)."""
         for _ in range(RSET_TRIES):
-            lease = await self.pool.acquire(index)
+            lease = await self.pool.acquire(key)
             if not lease.reused:
                 return lease
             try:
@@ -231,7 +259,7 @@ class SmarthostRelay:
             log.info("pooled connection to {address} failed its RSET ({reply}); replacing it",
                      address=lease.conn.address, reply=reply or "no reply")
             self.pool.discard(lease)
-        return await self.pool.acquire(index)  # may still be pooled; then it answered no RSET
+        return await self.pool.acquire(key)  # may still be pooled; then it answered no RSET
 
     def _settle(self, attempt: _HostAttempt, envelope: Envelope, recipients: list[str],
                 failed: Failed) -> None:

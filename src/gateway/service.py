@@ -23,7 +23,10 @@ from gateway import reply as R
 from gateway import tls
 from gateway.auth import AuthThrottle, make_portal
 from gateway.auth_file import FileChecker
+from gateway.auth_ldap import LdapChecker
+from gateway.auth_omicard import OmicardChecker
 from gateway.config import Config, ListenerSection, describe
+from gateway.config_auth import configured_backends
 from gateway.control import ControlService, QueueControl
 from gateway.envelope import Envelope
 from gateway.listener import ConnectionCounter, ListenerContext, ListenerSettings
@@ -37,6 +40,7 @@ from gateway.scheduler import Scheduler
 from gateway.sendrate import send_rate
 from gateway.smtpd import GatewaySMTPFactory
 from gateway.spool import Spool, SpoolError, SpoolFull
+from gateway.upstream import CredentialSealer, UpstreamPolicy, load_key
 
 log = Logger()
 CONTROL_SOCKET = "control.sock"  # in gateway.state_dir; `itpison-gateway queue` talks to it
@@ -86,7 +90,9 @@ class GatewayService(service.MultiService):
         self.spool_pool = ThreadPool(minthreads=1, maxthreads=4, name="spool")
         self.auth_pool = ThreadPool(minthreads=1, maxthreads=4, name="auth")
         self.spool = Spool(config.gateway.state_dir / "spool", reactor, self.spool_pool)
-        self.relay = SmarthostRelay(config.smarthosts, config.relay, config.gateway.hostname, reactor)
+        self.upstream = self._upstream()
+        self.relay = SmarthostRelay(config.smarthosts, config.relay, config.gateway.hostname,
+                                    reactor, upstream=self.upstream)
         self.limiter = RateLimiter(config.ratelimit, _limit_store(config, reactor), reactor)
         self.limiter.setServiceParent(self)
         self.scheduler = Scheduler(self.spool, self.relay, config.queue, config.gateway.hostname,
@@ -103,14 +109,49 @@ class GatewayService(service.MultiService):
                                              config.limits.max_connections_per_ip)
         self.throttle = AuthThrottle(config.auth.max_failures, config.auth.failure_window,
                                      store=self.limiter.store)
-        self.portal = self._portal()
+        self.checkers = self._checkers()
+        self._portals: dict[tuple[str, ...], Portal] = {}
         self.options = XHeaderPolicy(config.options)
 
-    def _portal(self) -> Portal | None:
-        checkers = []
-        if self.config.auth.users_file is not None:
-            checkers.append(FileChecker(self.config.auth.users_file, self.reactor, self.auth_pool))
-        return make_portal(checkers) if checkers else None
+    def _checkers(self) -> dict[str, Any]:
+        """One checker per backend configured in ``[auth]``, by name."""
+        auth = self.config.auth
+        checkers: dict[str, Any] = {}
+        if auth.ldap is not None:
+            ldap = LdapChecker(auth.ldap, self.reactor)
+            ldap.setServiceParent(self)
+            checkers["ldap"] = ldap
+        if auth.omicard is not None:
+            checkers["omicard"] = OmicardChecker(auth.omicard, self.config.smarthosts,
+                                                 self.config.relay, self.config.gateway.hostname,
+                                                 self.reactor, connector=self.relay.connector)
+        if auth.users_file is not None:
+            checkers["file"] = FileChecker(auth.users_file, self.reactor, self.auth_pool)
+        return checkers
+
+    def _upstream(self) -> UpstreamPolicy | None:
+        """Per-user and per-group upstream accounts; None: everything under the global one.
+        The credential key is loaded (or made) only when OMICard users relay as themselves."""
+        auth = self.config.auth
+        sealer = None
+        if auth.omicard is not None and auth.omicard.relay_as_user:
+            sealer = CredentialSealer(load_key(auth.omicard.key_file,
+                                               self.config.gateway.state_dir))
+        if sealer is None and not auth.upstream_accounts:
+            return None
+        return UpstreamPolicy(sealer, auth.upstream_accounts)
+
+    def portal_for(self, listener: ListenerSection) -> Portal | None:
+        """The listener's checker chain (``auth = [...]``, default: every backend, in the
+        order ldap, omicard, file); one portal per distinct chain."""
+        names = listener.auth or configured_backends(self.config.auth)
+        names = tuple(n for n in names if n in self.checkers)
+        if not names:
+            return None
+        if names not in self._portals:
+            self._portals[names] = make_portal([self.checkers[n] for n in names], self.reactor,
+                                               self.config.auth.failure_floor)
+        return self._portals[names]
 
     def _certificate(self, listener: ListenerSection) -> tuple[Path, Path]:
         if listener.certificate is not None and listener.private_key is not None:
@@ -128,10 +169,10 @@ class GatewayService(service.MultiService):
             creator = tls.server_creator(cert, key, listener.tls_min_version)
             context = ListenerContext(
                 settings=ListenerSettings.from_config(listener, self.config),
-                clock=self.reactor, portal=self.portal,
+                clock=self.reactor, portal=self.portal_for(listener),
                 starttls_creator=None if listener.mode == "smtps" else creator,
                 sink=self.sink, throttle=self.throttle, connections=self.connections,
-                options=self.options, limiter=self.limiter)
+                options=self.options, limiter=self.limiter, upstream=self.upstream)
             self.contexts.append(context)
             factory: Any = GatewaySMTPFactory(context)
             if listener.mode == "smtps":

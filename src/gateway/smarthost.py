@@ -45,7 +45,9 @@ def _address(host: str, port: int) -> str:
 
 
 class SmarthostConnector:
-    """Implements ``gateway.pool.Connector[Session]``; the key is the smarthost index."""
+    """Implements ``gateway.pool.Connector[Session]``; the key is the smarthost index
+    (AUTH with the smarthost's configured account, if any), or ``(index, account)`` with
+    an ``upstream.UpstreamAccount`` to AUTH as instead (a user's own, or a group's)."""
 
     def __init__(self, smarthosts: Sequence[SmarthostSection], cfg: RelaySection,
                  hostname: str, reactor: Any) -> None:
@@ -65,8 +67,9 @@ class SmarthostConnector:
 
     # --- Connector ----------------------------------------------------------------------
     def create(self, key: Hashable) -> defer.Deferred[Session]:
-        assert isinstance(key, int)
-        return defer.Deferred.fromCoroutine(self._create(key))
+        index, account = key if isinstance(key, tuple) else (key, None)
+        assert isinstance(index, int)
+        return defer.Deferred.fromCoroutine(self._create(index, account))
 
     def usable(self, conn: Session) -> bool:
         return conn.client.usable
@@ -95,7 +98,7 @@ class SmarthostConnector:
             routes.insert(0, preferred[0])
         return routes
 
-    async def _create(self, index: int) -> Session:
+    async def _create(self, index: int, account: Any = None) -> Session:
         host = self.smarthosts[index]
         last: Failed | None = None
         for route in self._route_order(index):
@@ -119,7 +122,7 @@ class SmarthostConnector:
                 self._preferred.pop(index, None)
             session = Session(index, address, client)
             try:
-                await self._handshake(index, host, security, session)
+                await self._handshake(index, host, security, session, account)
             except BaseException:
                 self.close(session)
                 raise
@@ -138,7 +141,7 @@ class SmarthostConnector:
         return await connecting
 
     async def _handshake(self, index: int, host: SmarthostSection, security: str,
-                         session: Session) -> None:
+                         session: Session, account: Any = None) -> None:
         """Greeting, EHLO, STARTTLS + EHLO, AUTH: ready for MAIL, or raises Failed."""
         client, address = session.client, session.address
         stage = "greeting"
@@ -155,18 +158,22 @@ class SmarthostConnector:
                              address)
                 stage = "ehlo"
                 self._expect("ehlo", await client.ehlo(self.hostname), 250, address)
-            if host.username:
+            if account is not None:
                 stage = "auth"
-                await self._authenticate(host, client, address)
+                await self._authenticate(host, client, address, account.username,
+                                         account.password)
+            elif host.username:
+                stage = "auth"
+                await self._authenticate(host, client, address, host.username,
+                                         host.password or "")
         except (Failed, defer.CancelledError):
             raise
         except Exception as exc:
             raise error_failure(stage, address, host.verify_name, exc, reached=True) from None
 
     async def _authenticate(self, host: SmarthostSection, client: SMTPClientProtocol,
-                            address: str) -> None:
+                            address: str, user: str, password: str) -> None:
         mechanisms = client.extensions.get("AUTH", "").upper().split()
-        user, password = host.username or "", host.password or ""
         insecure = host.allow_insecure_auth
         if "PLAIN" in mechanisms:
             reply = await client.auth_plain(user, password, allow_insecure=insecure)

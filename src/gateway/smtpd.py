@@ -23,7 +23,7 @@ from typing import Any
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import ISSLTransport, ITLSTransport
 from twisted.logger import Logger
 from twisted.mail import smtp
@@ -50,6 +50,7 @@ AUTH_LINE_LIMIT = 12288  # RFC 4954 §4
 # past this much the transport is paused, so a client cannot make the session buffer
 # without bound.  Below it no pause/resume (two epoll calls per message) is needed.
 PAUSE_BUFFER = 256 * 1024
+CLOSE_GRACE = 10.0  # seconds a closed session waits for the client's side before an abort
 
 
 class GatewaySMTP(smtp.ESMTP):
@@ -191,7 +192,14 @@ class GatewaySMTP(smtp.ESMTP):
         self._closed = True
         self._buffer.clear()
         self.setTimeout(None)
+        # Input may be paused (an answer was pending): read again, or a TLS close would
+        # wait forever for the client's close_notify or FIN, holding a connection slot.
+        self._paused = False
+        self.transport.resumeProducing()
         self.transport.loseConnection()
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = self.clock.callLater(CLOSE_GRACE, self.transport.abortConnection)
 
     # -- input framing ----------------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
@@ -424,11 +432,22 @@ class GatewaySMTP(smtp.ESMTP):
             self.transport.write(b"334 " + outcome + b"\r\n")
             return None
         self._exchange = None
-        login = self.context.portal.login(
-            UsernamePassword(outcome.username.encode(), outcome.password.encode()), None, IPrincipal)
-        return login.addCallbacks(self._auth_ok, self._auth_failed,
+
+        def login(blocked: bool) -> Deferred[Reply]:
+            if blocked:
+                maillog.auth_failed(self.session, self.client_ip, outcome.username,
+                                    exchange.mechanism, "user name over the AUTH failure limit")
+                return R.TOO_MANY_AUTH_FAILURES
+            d = self.context.portal.login(UsernamePassword(outcome.username.encode(),
+                                                           outcome.password.encode()),
+                                          None, IPrincipal)
+            return d.addCallbacks(self._auth_ok, self._auth_failed,
                                   callbackArgs=(exchange.mechanism,),
                                   errbackArgs=(exchange.mechanism, outcome.username))
+
+        d = self.context.throttle.user_blocked(outcome.username)
+        d.addErrback(self._throttle_unavailable)
+        return d.addCallback(login).addErrback(self._refused_async, "AUTH")
 
     def _auth_ok(self, result: tuple[Any, Principal, Callable[[], None]], mechanism: str) -> Reply:
         _iface, principal, logout = result
@@ -452,7 +471,7 @@ class GatewaySMTP(smtp.ESMTP):
                     return R.TOO_MANY_AUTH_FAILURES
                 return R.AUTH_FAILED
 
-            d = throttle.record_failure(self.client_ip)
+            d = throttle.record_failure(self.client_ip, username)
             d.addErrback(lambda f: f.trap(LimiterUnavailable) and None)
             return d.addCallback(counted)
         reason = "backend unavailable" if failure.check(BackendUnavailable) else repr(failure.value)
@@ -622,10 +641,16 @@ class GatewaySMTP(smtp.ESMTP):
                                  tls=describe_tls(self.transport), recipients=recipients, when=now)
         message = header + body.data
         auth_user = self.principal.name if self.principal and self.principal.authenticated else None
+        try:  # the upstream account the message goes out under (gateway.upstream)
+            extra = (self.context.upstream.record(self.principal, qid)
+                     if self.context.upstream is not None else {})
+        except Exception:
+            log.failure("{session} recording the upstream account", session=self.session)
+            return succeed(R.LOCAL_ERROR)
         envelope = Envelope(queue_id=qid, sender=str(sender), recipients=tuple(recipients),
                             received_at=now, client_ip=self.client_ip, client_helo=self.helo or "",
                             auth_user=auth_user, listener=self.settings.name,
-                            body_8bit=body.is_8bit, size=len(message))
+                            body_8bit=body.is_8bit, size=len(message), extra=extra)
         d = maybeDeferred(self.context.sink.submit, envelope, message)
 
         def queued(_: object) -> Reply:
