@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytest_twisted
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -81,3 +82,25 @@ def spool(tmp_path: Path, pool):
     s = Spool(tmp_path / "spool", reactor, pool)
     s.open()
     return s
+
+
+@pytest.fixture
+def relay_password(tmp_path):
+    """The smarthost account's password file (the account FakeSmarthost accepts)."""
+    path = tmp_path / "smarthost.pass"
+    path.write_text("relay-secret\n")
+    return path
+
+
+@pytest_twisted.async_yield_fixture()
+async def smarthost(test_ca):
+    """A FakeSmarthost with implicit TLS from the test CA and the account relay-account."""
+    from twisted.internet import reactor
+
+    from fakesmarthost import FakeSmarthost
+
+    fs = FakeSmarthost(reactor, security="smtps", cert=test_ca.issue("smarthost", "localhost"),
+                       users={"relay-account": "relay-secret"})
+    await fs.start()
+    yield fs
+    await fs.stop()

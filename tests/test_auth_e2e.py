@@ -9,27 +9,10 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor, task, threads
 
-from fakesmarthost import FakeSmarthost
 from gatewayrig import smarthost_entry, start_gateway
 from slapdrig import SERVICE_DN, SERVICE_PASSWORD, SUFFIX
 
 CAROL = ("carol-local-pw", ["carol@example.com"])
-
-
-@pytest.fixture
-def relay_password(tmp_path):
-    path = tmp_path / "smarthost.pass"
-    path.write_text("relay-secret\n")
-    return path
-
-
-@pytest_twisted.async_yield_fixture()
-async def smarthost(test_ca):
-    fs = FakeSmarthost(reactor, security="smtps", cert=test_ca.issue("smarthost", "localhost"),
-                       users={"relay-account": "relay-secret"})
-    await fs.start()
-    yield fs
-    await fs.stop()
 
 
 def ldap_section(slapd, tmp_path, **extra):

@@ -17,22 +17,6 @@ from gatewayrig import smarthost_entry, start_gateway
 ALICE = ("alice-pw-1", ["alice@example.com"])
 
 
-@pytest.fixture
-def relay_password(tmp_path):
-    path = tmp_path / "smarthost.pass"
-    path.write_text("relay-secret\n")
-    return path
-
-
-@pytest_twisted.async_yield_fixture()
-async def smarthost(test_ca):
-    fs = FakeSmarthost(reactor, security="smtps", cert=test_ca.issue("smarthost", "localhost"),
-                       users={"relay-account": "relay-secret"})
-    await fs.start()
-    yield fs
-    await fs.stop()
-
-
 @pytest_twisted.async_yield_fixture()
 async def gateway(tmp_path, test_ca, server_cert, smarthost, relay_password):
     gw = await start_gateway(

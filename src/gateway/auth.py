@@ -364,3 +364,13 @@ class AuthThrottle:
     def user_blocked(self, username: str) -> defer.Deferred[bool]:
         d = self.store.count_failures(self._user_key(username), self.window)
         return d.addCallback(lambda count: count >= self.max_failures)
+
+
+def credential_text(value: str | bytes) -> str | None:
+    """A username or password from twisted.cred credentials as text (None if not UTF-8)."""
+    if isinstance(value, str):
+        return value
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return None

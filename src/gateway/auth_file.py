@@ -39,7 +39,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from gateway.auth import BackendUnavailable, Identity, SenderPolicy
+from gateway.auth import BackendUnavailable, Identity, SenderPolicy, credential_text
 
 log = Logger(namespace="gateway.auth.file")
 
@@ -223,7 +223,7 @@ class FileChecker:
             users = self.users()
         except BackendUnavailable:
             return defer.fail()
-        name = _text(credentials.username)
+        name = credential_text(credentials.username)
         record = users.get(name) if name is not None else None
         hashed = record.password_hash if record is not None else self.dummy_hash
         d = threads.deferToThreadPool(self._reactor, self._threadpool, self._verify,
@@ -244,14 +244,6 @@ class FileChecker:
             attributes["class"] = record.user_class
         return Identity(record.name, "file", record.senders, attributes)
 
-
-def _text(value: str | bytes) -> str | None:
-    if isinstance(value, str):
-        return value
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
 
 
 def set_user(path: str | Path, user: str, password: str,

@@ -31,7 +31,13 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from gateway import xheaders as X
-from gateway.auth import BackendUnavailable, Identity, SenderPolicy, valid_login
+from gateway.auth import (
+    BackendUnavailable,
+    Identity,
+    SenderPolicy,
+    credential_text,
+    valid_login,
+)
 from gateway.authcache import PositiveCache
 from gateway.config_auth import LdapSection
 from gateway.ldapdir import (
@@ -76,7 +82,7 @@ class LdapChecker(service.Service):
 
     # -- the check ------------------------------------------------------------------------
     def requestAvatarId(self, credentials: Any) -> defer.Deferred[Identity]:
-        user, password = _text(credentials.username), _text(credentials.password)
+        user, password = credential_text(credentials.username), credential_text(credentials.password)
         if user is None or password is None or not valid_login(user) or not password:
             return defer.fail(UnauthorizedLogin("not a valid login"))
         cached = self.cache.get(user, password)
@@ -195,11 +201,3 @@ def option_defaults(values: Iterable[str]) -> dict[str, Any]:
             out[header.key] = raw
     return out
 
-
-def _text(value: str | bytes) -> str | None:
-    if isinstance(value, str):
-        return value
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        return None

@@ -31,7 +31,13 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from gateway.auth import BackendUnavailable, Identity, SenderPolicy, valid_login
+from gateway.auth import (
+    BackendUnavailable,
+    Identity,
+    SenderPolicy,
+    credential_text,
+    valid_login,
+)
 from gateway.authcache import PositiveCache
 from gateway.config import RelaySection, SmarthostSection
 from gateway.config_auth import OmicardSection
@@ -57,7 +63,7 @@ class OmicardChecker:
         self.cache: PositiveCache[Identity] = PositiveCache(section.cache_ttl, reactor)
 
     def requestAvatarId(self, credentials: Any) -> defer.Deferred[Identity]:
-        user, password = _text(credentials.username), _text(credentials.password)
+        user, password = credential_text(credentials.username), credential_text(credentials.password)
         if user is None or password is None or not valid_login(user) or not password \
                 or not self._domain_ok(user):
             return defer.fail(UnauthorizedLogin("not an OMICard login"))
@@ -116,11 +122,3 @@ class OmicardChecker:
             attributes["upstream"] = UpstreamAccount(user, password, personal=True)
         return Identity(user, "omicard", tuple(dict.fromkeys(senders)), attributes)
 
-
-def _text(value: str | bytes) -> str | None:
-    if isinstance(value, str):
-        return value
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
