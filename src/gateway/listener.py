@@ -8,6 +8,7 @@ caps hold for the whole process.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -85,3 +86,4 @@ class ListenerContext:
     limiter: RateLimiter | None = None  # None: no rate limits at all (tests)
     sessions: set[Any] = field(default_factory=set)  # live sessions, for a graceful stop
     options: XHeaderPolicy | None = None  # the X-Header policy; None: headers pass untouched
+    on_close: Callable[[], None] | None = None  # called when a counted session ends
