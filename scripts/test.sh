@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs what the tests need
-# (Debian: swaks, redis-server; Python: a venv with the gateway and its test extras), then pytest.
+# (Debian: swaks, redis-server, systemd for systemd-analyze; Python: a venv with the gateway and its test extras), then pytest.
 # Usage: bash scripts/test.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v swaks >/dev/null 2>&1 || need_apt+=(swaks)
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)  # started by test fixtures
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)  # verifies systemd/*.service, *.socket
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
         export DEBIAN_FRONTEND=noninteractive
