@@ -506,10 +506,14 @@ def test_json_log_lines_carry_event_and_queue_id_and_journald_priority():
         logsetup.json_stdout(out)(e), logsetup.journald_text(text)(e)))
     log.info("{queue_id} delivered to=<{recipient}>", event="delivered", queue_id="Q1",
              recipient="b@example.net")
-    log.warn("{queue_id} bounced", event="bounced", queue_id="Q2")
+    log.warn("{queue_id} bounced", event="bounced", queue_id="Q2", recipient="c@Example.ORG",
+             host="smtp.itpison.com:465", reply="550 5.1.1 no such user")
     records = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [(r["event"], r["queue_id"]) for r in records] == [("delivered", "Q1"),
                                                               ("bounced", "Q2")]
+    assert (records[1]["recipient_domain"], records[1]["status"], records[1]["bounce_class"],
+            records[1]["host"]) == ("example.org", "550 5.1.1", "hard", "smtp.itpison.com:465")
+    assert all(isinstance(r["log_time"], float) for r in records)
     assert text.getvalue() == ("<6>[gateway.mail] Q1 delivered to=<b@example.net>\n"
                                "<4>[gateway.mail] Q2 bounced\n")
 
@@ -526,3 +530,30 @@ def test_credentials_directory_in_paths(tmp_path):
     assert config.smarthosts[0].password == "s3cret"
     with pytest.raises(ConfigError, match="CREDENTIALS_DIRECTORY.* is not set"):
         parse_config(data, base_dir=tmp_path, environ={})
+
+
+@pytest_twisted.ensureDeferred
+async def test_reload_swaps_the_smarthost_list_and_mail_still_flows(tmp_path, test_ca,
+                                                                   server_cert, smarthost):
+    conf = tmp_path / "gw.toml"
+    write_config(conf, tmp_path, server_cert, 9, test_ca.ca_pem)  # nothing listens on 9
+    from gateway.service import GatewayService
+    gw = GatewayService(load_config(conf), reactor)
+    gw.startService()
+    try:
+        old_relay = gw.relay
+        write_config(conf, tmp_path, server_cert, smarthost.port, test_ca.ca_pem)
+        assert gw.reload() is True
+        assert gw.relay is not old_relay and gw.scheduler.relay is gw.relay
+        assert [h.port for h in gw.relay.smarthosts] == [smarthost.port]
+        port = gw.ports[0].getHost().port
+
+        def send():
+            import smtplib
+            with smtplib.SMTP("127.0.0.1", port, timeout=20) as c:
+                return c.sendmail("a@corp.example", ["b@example.net"], MSG)
+
+        assert await threads.deferToThread(send) == {}
+        await smarthost.wait_for_messages(1, timeout=20)
+    finally:
+        await gw.stopService()

@@ -35,9 +35,26 @@ def json_stdout(stream: IO[str] | None = None) -> ILogObserver:
     return FileLogObserver(stream or sys.stdout, lambda event: event_as_json(event) + "\n")
 
 
+_DELIVERY_EVENTS = {"attempt", "delivered", "deferred", "bounced"}
+
+
 def event_as_json(event: dict[str, Any]) -> str:
-    """One event as the JSON text ``json_stdout`` writes (for tests and tools)."""
-    return eventAsJSON({k: v for k, v in event.items() if k not in _DROP})
+    """One event as the JSON text ``json_stdout`` writes (for tests and tools).
+
+    Delivery events (the ITPison FAQ's delivery log) also get ``recipient_domain``,
+    ``status`` (the reply's code and enhanced code, e.g. "550 5.1.1") and ``bounce_class``
+    ("hard" for 5xx, "soft" for 4xx, "none" for 2xx)."""
+    record = {k: v for k, v in event.items() if k not in _DROP}
+    if record.get("event") in _DELIVERY_EVENTS:
+        recipient = str(record.get("recipient", ""))
+        record.setdefault("recipient_domain", recipient.rpartition("@")[2].lower() or None)
+        words = str(record.get("reply", "")).split()
+        code = words[0] if words and words[0].isdigit() else None
+        enhanced = words[1] if code and len(words) > 1 and words[1].count(".") == 2 else None
+        record.setdefault("status", " ".join(filter(None, (code, enhanced))) or None)
+        record.setdefault("bounce_class", {"5": "hard", "4": "soft", "2": "none"}.get(
+            (code or "?")[0], "unknown"))
+    return eventAsJSON(record)
 
 
 def _journald_line(event: dict[str, Any]) -> str | None:
