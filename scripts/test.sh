@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs what the tests need
-# (Debian: swaks, redis-server, slapd, ldap-utils; Python: a venv with the gateway and its test extras), then pytest.
+# (Debian: swaks, redis-server, slapd, ldap-utils, systemd for systemd-analyze; Python: a venv
+# with the gateway and its test extras), then pytest.
 # Usage: bash scripts/test.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,7 @@ command -v swaks >/dev/null 2>&1 || need_apt+=(swaks)
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)  # started by test fixtures
 [ -x /usr/sbin/slapd ] || need_apt+=(slapd)  # our own instance per test module (tests/slapdrig.py)
 command -v ldapsearch >/dev/null 2>&1 || need_apt+=(ldap-utils)
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)  # verifies systemd/*.service, *.socket
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
         export DEBIAN_FRONTEND=noninteractive

@@ -602,7 +602,8 @@ def test_describe_gives_one_line_per_section(tmp_path: Path, server_cert) -> Non
     assert lines[1] == "gateway: hostname=gw.example.test state_dir=/srv/gw"
     assert lines[2] == "tls: self-signed certificate in /srv/gw/tls"
     assert lines[3] == ("listener smtp: endpoint=tcp:2525 mode=smtp tls_min_version=1.2"
-                        " certificate=- private_key=- auth_required=false auth=-")
+                        " certificate=- private_key=- auth_required=false auth=-"
+                        " proxy_protocol_from=-")
     assert lines[4] == ("relay: trusted_networks=127.0.0.0/8,::1/128 connect_timeout=30s"
                         " greeting_timeout=2m command_timeout=2m data_timeout=10m"
                         " max_messages_per_connection=100 max_connections_per_host=10"
@@ -615,7 +616,7 @@ def test_describe_gives_one_line_per_section(tmp_path: Path, server_cert) -> Non
     assert lines[8] == "queue: max_lifetime=5d retry_min=1m retry_max=1h concurrency=20"
     assert lines[9].startswith("options: forbidden=refuse local_time_zone=- time_format=iso8601")
     assert lines[10] == "ratelimit: in-process rules=- overrides=0 outbound=-"
-    assert len(lines) == 11
+    assert len(lines) == 13
     config = parse(BASE + section("tls", certificate=str(server_cert.cert),
                                   private_key=str(server_cert.key)))
     assert describe(config)[0] == "config: embedded default"
@@ -633,7 +634,8 @@ SECTION_CLASSES = {"gateway": C.GatewaySection, "tls": C.TLSSection,
                    "ratelimit": C.RateLimitSection, "ratelimit.rules": C.RateRuleSection,
                    "ratelimit.overrides": C.RateOverrideSection,
                    "auth.ldap": C.LdapSection, "auth.omicard": C.OmicardSection,
-                   "auth.upstream_accounts": C.UpstreamAccountSection}
+                   "auth.upstream_accounts": C.UpstreamAccountSection,
+                   "service": C.ServiceSection, "metrics": C.MetricsSection}
 NOT_IN_TOML = {("smarthosts", "password"), ("ratelimit", "redis_password"),
                ("auth.ldap", "bind_password"), ("auth", "ldap"), ("auth", "omicard"),
                ("auth", "upstream_accounts"), ("auth.upstream_accounts", "password"),

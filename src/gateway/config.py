@@ -42,6 +42,7 @@ from gateway.config_auth import (
     parse_omicard,
     parse_upstream_accounts,
 )
+from gateway.config_ops import MetricsSection, ServiceSection, parse_metrics, parse_service
 from gateway.config_ratelimit import (
     RateLimitSection,
     RateOverrideSection,
@@ -53,7 +54,8 @@ from gateway.options_config import OptionsSection, parse_options
 
 __all__ = [
     "AuthSection", "Config", "ConfigError", "DEFAULT_TOML", "GatewaySection", "LdapSection",
-    "LimitsSection", "ListenerSection", "OmicardSection", "UpstreamAccountSection", "OptionsSection", "QueueSection", "RateLimitSection",
+    "LimitsSection", "ListenerSection", "MetricsSection", "OmicardSection", "OptionsSection",
+    "QueueSection", "RateLimitSection", "ServiceSection", "UpstreamAccountSection",
     "RateOverrideSection", "RateRuleSection", "RelaySection", "SmarthostFallback",
     "SmarthostSection", "TLSSection",
     "default_config", "describe", "load_config", "parse_config",
@@ -88,6 +90,9 @@ class ListenerSection:
     private_key: Path | None = None
     auth_required: bool = False  # true: even trusted networks must AUTH on this listener
     auth: tuple[str, ...] | None = None  # backends to try, in order; None: all configured
+    # PROXY protocol v1/v2 (HAProxy): connections from these networks must start with a
+    # PROXY header giving the real client; any other peer is refused.  (): no PROXY.
+    proxy_protocol_from: tuple[IPv4Network | IPv6Network, ...] = ()
 
 
 _LOCALHOST_NETS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
@@ -205,6 +210,8 @@ class Config:
     queue: QueueSection
     options: OptionsSection = field(default_factory=OptionsSection)  # X-Header control
     ratelimit: RateLimitSection = RateLimitSection()
+    service: ServiceSection = ServiceSection()  # stop, reload, workers
+    metrics: MetricsSection = MetricsSection()  # Prometheus and health checks
     source: Path | None = None  # the file it came from; None for the embedded default
 
 
@@ -288,6 +295,8 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path,
         queue=_queue(data.get("queue", {}), ctx),
         options=parse_options(data.get("options", {}), ctx),
         ratelimit=parse_ratelimit(data.get("ratelimit", {}), ctx, _table),
+        service=parse_service(data.get("service", {}), ctx, _table),
+        metrics=parse_metrics(data.get("metrics", {}), ctx, _table),
         source=source,
     )
 
@@ -315,6 +324,7 @@ def describe(config: Config) -> list[str]:
     lines += [_line("limits", config.limits),
               _line("queue", config.queue), _options_line(config.options)]
     lines.append(_ratelimit_line(config.ratelimit))
+    lines += [_line("service", config.service), _line("metrics", config.metrics)]
     return lines
 
 
@@ -338,13 +348,14 @@ def _options_line(options: OptionsSection) -> str:
 # section name -> is it an array of tables ([[name]])?
 _SECTIONS = {"gateway": False, "tls": False, "listeners": True, "relay": False,
              "smarthosts": True, "auth": False, "limits": False, "queue": False,
-             "options": False, "ratelimit": False}
+             "options": False, "ratelimit": False, "service": False, "metrics": False}
 _GATEWAY_KEYS: dict[str, v.Convert] = {"hostname": v.dns_name, "state_dir": v.file_path}
 _TLS_KEYS: dict[str, v.Convert] = {"certificate": v.file_path, "private_key": v.file_path}
 _LISTENER_KEYS: dict[str, v.Convert] = {
     "endpoint": v.endpoint, "mode": v.choice("smtp", "submission", "smtps"),
     "name": v.listener_name, "tls_min_version": v.tls_version, "certificate": v.file_path,
-    "private_key": v.file_path, "auth_required": v.boolean, "auth": backend_list}
+    "private_key": v.file_path, "auth_required": v.boolean, "auth": backend_list,
+    "proxy_protocol_from": v.networks}
 _RELAY_KEYS: dict[str, v.Convert] = {
     "trusted_networks": v.networks, "connect_timeout": v.duration,
     "greeting_timeout": v.duration, "command_timeout": v.duration, "data_timeout": v.duration,

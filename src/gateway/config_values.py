@@ -177,8 +177,16 @@ def listener_name(value: Any, path: str, ctx: Context) -> str:
 
 
 def file_path(value: Any, key: str, ctx: Context) -> Path:
-    """An absolute path; relative ones resolve against the configuration's directory."""
-    given = Path(string(value, key)).expanduser()
+    """An absolute path; relative ones resolve against the configuration's directory.
+    ``${CREDENTIALS_DIRECTORY}`` is systemd's directory of ``LoadCredential=`` secrets."""
+    text = string(value, key)
+    if "${CREDENTIALS_DIRECTORY}" in text:
+        credentials = ctx.environ.get("CREDENTIALS_DIRECTORY")
+        if not credentials:
+            raise ConfigError(key, "${CREDENTIALS_DIRECTORY} is not set: it exists only under"
+                                   " systemd with LoadCredential= (see the unit file)")
+        text = text.replace("${CREDENTIALS_DIRECTORY}", credentials)
+    given = Path(text).expanduser()
     return Path(os.path.normpath(ctx.base_dir / given))
 
 

@@ -8,6 +8,7 @@ caps hold for the whole process.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -86,3 +87,4 @@ class ListenerContext:
     sessions: set[Any] = field(default_factory=set)  # live sessions, for a graceful stop
     options: XHeaderPolicy | None = None  # the X-Header policy; None: headers pass untouched
     upstream: Any = None  # upstream.UpstreamPolicy; None: every message under the global account
+    on_close: Callable[[], None] | None = None  # called when a counted session ends

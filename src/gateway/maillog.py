@@ -47,10 +47,11 @@ def options_applied(queue_id: str, session: str, user: str, notes: tuple[str, ..
 
 
 def queued(queue_id: str, session: str, sender: str, recipients: int, size: int,
-           user: str | None) -> None:
+           user: str | None, latency: float | None = None) -> None:
+    """``latency``: end of DATA to the 250 (checks, spool write, fsync), in seconds."""
     log.info("{queue_id} queued from=<{sender}> nrcpt={recipients} size={size} user={user}",
              event="queued", queue_id=queue_id, session=session, sender=sender,
-             recipients=recipients, size=size, user=user or "-")
+             recipients=recipients, size=size, user=user or "-", latency=latency)
 
 
 def attempt(queue_id: str, host: str, recipient: str, reply: str, outcome: str) -> None:

@@ -29,6 +29,7 @@ import ipaddress
 import math
 import os
 import socket
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -203,7 +204,6 @@ class RateLimiter(service.Service):
 
     def __init__(self, section: RateLimitSection, store: LimitStore, clock: IReactorTime,
                  node: str = "") -> None:
-        self.section = section
         self.store = store
         self.clock = clock
         self.node = node or _node_id()
@@ -212,6 +212,12 @@ class RateLimiter(service.Service):
         self._refresher = LoopingCall(self._refresh)
         self._refresher.clock = clock
         self.stats = {"checks": 0, "refused": 0, "unavailable": 0}
+        self.hits: Counter[tuple[str, str]] = Counter()  # (dimension, key) -> refusals
+        self.reconfigure(section)
+
+    def reconfigure(self, section: RateLimitSection) -> None:
+        """New rules and overrides (a reload); the store and the leases held stay."""
+        self.section = section
         self._rules = {stage: [r for r in section.rules if r.dimension in dims]
                        for stage, dims in (("connect", {"connections"}),
                                            ("mail", {"messages", "bytes"}),
@@ -261,6 +267,7 @@ class RateLimiter(service.Service):
             if answer.refused is not None:
                 self.stats["refused"] += 1
                 rule, value = picked[answer.refused]
+                self.hits[(rule.dimension, rule.key)] += 1
                 return Refusal(connection_refusal(rule, value),
                                f"{rule.limit} connections per {rule.key} {value}")
             lease = Lease(slots, holder, self)
@@ -354,6 +361,7 @@ class RateLimiter(service.Service):
                 return None
             self.stats["refused"] += 1
             rule, value, limit, _ = picked[answer.refused]
+            self.hits[(rule.dimension, rule.key)] += 1
             reply = rate_refusal(rule, limit, value, answer.retry_after)
             return Refusal(reply, f"{rule.dimension} {limit} {window_text(rule.window or 0)}"
                                   f" for {rule.key} {value}")

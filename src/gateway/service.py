@@ -10,37 +10,38 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application import service
-from twisted.cred.portal import Portal
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from gateway import reply as R
 from gateway import tls
-from gateway.auth import AuthThrottle, make_portal
-from gateway.auth_file import FileChecker
-from gateway.auth_ldap import LdapChecker
-from gateway.auth_omicard import OmicardChecker
+from gateway.auth import AuthThrottle
+from gateway.authsetup import AuthBackends, upstream_policy
+from gateway.certs import CertificateSource, CertificateWatcher, SwappableServerTLS
 from gateway.config import Config, ListenerSection, describe
-from gateway.config_auth import configured_backends
 from gateway.control import ControlService, QueueControl
 from gateway.envelope import Envelope
 from gateway.listener import ConnectionCounter, ListenerContext, ListenerSettings
+from gateway.metrics import GatewayMetrics
 from gateway.optionpolicy import XHeaderPolicy
+from gateway.proxyproto import ProxyProtocolFactory
 from gateway.ratelimit import LimitStore, RateLimiter
 from gateway.ratelimit_local import LocalStore
 from gateway.ratelimit_redis import RedisStore
 from gateway.relay import SmarthostRelay
+from gateway.reload import Reloader
 from gateway.reply import ReplyError
 from gateway.scheduler import Scheduler
+from gateway.sdnotify import Notifier, WatchdogService
 from gateway.sendrate import send_rate
 from gateway.smtpd import GatewaySMTPFactory
 from gateway.spool import Spool, SpoolError, SpoolFull
-from gateway.upstream import CredentialSealer, UpstreamPolicy, load_key
+from gateway.webops import OperationsWebService
 
 log = Logger()
 CONTROL_SOCKET = "control.sock"  # in gateway.state_dir; `itpison-gateway queue` talks to it
@@ -81,16 +82,21 @@ def _limit_store(config: Config, reactor: Any) -> LimitStore:
 class GatewayService(service.MultiService):
     """Listeners, spool, scheduler and relay for one Config."""
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(self, config: Config, reactor: Any, notifier: Notifier | None = None) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
+        self.notifier = notifier or Notifier({})  # systemd's, from tap; a no-op by default
+        self.stopping = False
         self.ports: list[IListeningPort] = []
         self.contexts: list[ListenerContext] = []
+        self.tls_creators: dict[str, SwappableServerTLS] = {}  # listener name -> creator
+        self._retiring: list[defer.Deferred[Any]] = []  # relays replaced by a reload
+        self._drained: list[defer.Deferred[None]] = []
         self.spool_pool = ThreadPool(minthreads=1, maxthreads=4, name="spool")
         self.auth_pool = ThreadPool(minthreads=1, maxthreads=4, name="auth")
         self.spool = Spool(config.gateway.state_dir / "spool", reactor, self.spool_pool)
-        self.upstream = self._upstream()
+        self.upstream = upstream_policy(config)
         self.relay = SmarthostRelay(config.smarthosts, config.relay, config.gateway.hostname,
                                     reactor, upstream=self.upstream)
         self.limiter = RateLimiter(config.ratelimit, _limit_store(config, reactor), reactor)
@@ -109,76 +115,81 @@ class GatewayService(service.MultiService):
                                              config.limits.max_connections_per_ip)
         self.throttle = AuthThrottle(config.auth.max_failures, config.auth.failure_window,
                                      store=self.limiter.store)
-        self.checkers = self._checkers()
-        self._portals: dict[tuple[str, ...], Portal] = {}
+        self.auth = AuthBackends(config, reactor, self.auth_pool, self.relay.connector)
+        for backend in self.auth.services:
+            backend.setServiceParent(self)
         self.options = XHeaderPolicy(config.options)
+        self.reloader = Reloader(self)
+        self.metrics = GatewayMetrics(self, "users_file" if config.auth.users_file else "none")
+        CertificateWatcher(lambda: list(self.tls_creators.values()),
+                           config.service.certificate_check_interval, reactor
+                           ).setServiceParent(self)
+        WatchdogService(self.notifier, reactor).setServiceParent(self)
+        self.web: OperationsWebService | None = None
+        if config.metrics.endpoint is not None:
+            self.web = OperationsWebService(self, config.metrics.endpoint)
 
-    def _checkers(self) -> dict[str, Any]:
-        """One checker per backend configured in ``[auth]``, by name."""
-        auth = self.config.auth
-        checkers: dict[str, Any] = {}
-        if auth.ldap is not None:
-            ldap = LdapChecker(auth.ldap, self.reactor)
-            ldap.setServiceParent(self)
-            checkers["ldap"] = ldap
-        if auth.omicard is not None:
-            checkers["omicard"] = OmicardChecker(auth.omicard, self.config.smarthosts,
-                                                 self.config.relay, self.config.gateway.hostname,
-                                                 self.reactor, connector=self.relay.connector)
-        if auth.users_file is not None:
-            checkers["file"] = FileChecker(auth.users_file, self.reactor, self.auth_pool)
-        return checkers
 
-    def _upstream(self) -> UpstreamPolicy | None:
-        """Per-user and per-group upstream accounts; None: everything under the global one.
-        The credential key is loaded (or made) only when OMICard users relay as themselves."""
-        auth = self.config.auth
-        sealer = None
-        if auth.omicard is not None and auth.omicard.relay_as_user:
-            sealer = CredentialSealer(load_key(auth.omicard.key_file,
-                                               self.config.gateway.state_dir))
-        if sealer is None and not auth.upstream_accounts:
-            return None
-        return UpstreamPolicy(sealer, auth.upstream_accounts)
-
-    def portal_for(self, listener: ListenerSection) -> Portal | None:
-        """The listener's checker chain (``auth = [...]``, default: every backend, in the
-        order ldap, omicard, file); one portal per distinct chain."""
-        names = listener.auth or configured_backends(self.config.auth)
-        names = tuple(n for n in names if n in self.checkers)
-        if not names:
-            return None
-        if names not in self._portals:
-            self._portals[names] = make_portal([self.checkers[n] for n in names], self.reactor,
-                                               self.config.auth.failure_floor)
-        return self._portals[names]
-
-    def _certificate(self, listener: ListenerSection) -> tuple[Path, Path]:
+    def certificate_for(self, listener: ListenerSection, config: Config) -> tuple[Path, Path]:
         if listener.certificate is not None and listener.private_key is not None:
             return listener.certificate, listener.private_key
-        if self.config.tls.certificate is not None and self.config.tls.private_key is not None:
-            return self.config.tls.certificate, self.config.tls.private_key
-        return tls.ensure_self_signed(self.config.gateway.state_dir / "tls",
-                                      self.config.gateway.hostname)
+        if config.tls.certificate is not None and config.tls.private_key is not None:
+            return config.tls.certificate, config.tls.private_key
+        return tls.ensure_self_signed(config.gateway.state_dir / "tls", config.gateway.hostname)
 
     def build_factories(self) -> list[tuple[ListenerSection, Any]]:
-        """One factory per listener (smtps ones wrapped in TLS from the first byte)."""
+        """One factory per listener (smtps ones wrapped in TLS from the first byte, and
+        PROXY protocol outermost where the listener takes it)."""
         out = []
         for listener in self.config.listeners:
-            cert, key = self._certificate(listener)
-            creator = tls.server_creator(cert, key, listener.tls_min_version)
+            cert, key = self.certificate_for(listener, self.config)
+            creator = SwappableServerTLS(CertificateSource(cert, key, listener.tls_min_version))
+            self.tls_creators[listener.name] = creator
             context = ListenerContext(
                 settings=ListenerSettings.from_config(listener, self.config),
-                clock=self.reactor, portal=self.portal_for(listener),
+                clock=self.reactor, portal=self.auth.portal_for(listener),
                 starttls_creator=None if listener.mode == "smtps" else creator,
                 sink=self.sink, throttle=self.throttle, connections=self.connections,
-                options=self.options, limiter=self.limiter, upstream=self.upstream)
+                options=self.options, limiter=self.limiter, upstream=self.upstream,
+                on_close=self._session_closed)
             self.contexts.append(context)
             factory: Any = GatewaySMTPFactory(context)
             if listener.mode == "smtps":
                 factory = TLSMemoryBIOFactory(creator, False, factory)
+            if listener.proxy_protocol_from:
+                factory = ProxyProtocolFactory(factory, listener.proxy_protocol_from,
+                                               self.reactor, listener.name)
             out.append((listener, factory))
         return out
+
+    def reload(self) -> bool:
+        """Re-read the configuration file and apply it (see gateway.reload)."""
+        return self.reloader.reload()
+
+    def retire_relay(self, old: SmarthostRelay) -> None:
+        """A reload replaced ``old``: its deliveries in flight finish, then it QUITs."""
+        d = old.close()
+        self._retiring.append(d)
+        d.addBoth(lambda r: (self._retiring.remove(d), r)[1])
+
+    def status_text(self) -> str:
+        return (f"accepting on {len(self.ports)} listeners; "
+                f"{len(self.scheduler.in_flight)} deliveries in flight")
+
+    def _open_sessions(self) -> int:
+        return sum(len(c.sessions) for c in self.contexts)
+
+    def _session_closed(self) -> None:
+        if self._drained and self._open_sessions() == 0:
+            waiting, self._drained = self._drained, []
+            for d in waiting:
+                d.callback(None)
+
+    def _sessions_done(self) -> defer.Deferred[None]:
+        d: defer.Deferred[None] = defer.Deferred()
+        self._drained.append(d)
+        self._session_closed()
+        return d
 
     def startService(self) -> None:
         for line in describe(self.config):
@@ -188,9 +199,13 @@ class GatewayService(service.MultiService):
         self.spool_pool.start()
         self.auth_pool.start()
         factories = self.build_factories()
+        globalLogPublisher.addObserver(self.metrics.observer)
         super().startService()  # the scheduler scans the spool
         for listener, factory in factories:
             self._listen(listener, factory)
+        if self.web is not None:
+            self.web.startService()
+        self.notifier.ready(self.status_text())
 
     def _listen(self, listener: ListenerSection, factory: Any) -> None:
         endpoint = serverFromString(self.reactor, listener.endpoint)
@@ -208,26 +223,54 @@ class GatewayService(service.MultiService):
         log.info("listening on {address} ({mode}, {name})", address=port.getHost(),
                  mode=listener.mode, name=listener.name)
 
+    async def _drain(self) -> None:
+        """Stop accepting; idle sessions get 421 4.3.2 now, transactions in progress get
+        ``service.stop_timeout`` to finish (then 421 too)."""
+        self.notifier.stopping()
+        self.stopping = True
+        ports, self.ports = self.ports, []
+        stopping = [defer.maybeDeferred(p.stopListening) for p in ports]
+        if self.web is not None:
+            stopping.append(defer.maybeDeferred(self.web.stopService))
+        await defer.gatherResults(stopping, consumeErrors=True).addErrback(
+            lambda f: log.warn("closing listeners: {e}", e=f.getErrorMessage()))
+        sessions = [s for c in self.contexts for s in c.sessions]
+        for session in sessions:
+            session.shutdown(drain=True)
+        if self._open_sessions():
+            log.info("stopping: waiting up to {timeout}s for {n} sessions",
+                     timeout=self.config.service.stop_timeout, n=self._open_sessions())
+            done = self._sessions_done()
+            done.addTimeout(self.config.service.stop_timeout, self.reactor)
+            try:
+                await done
+            except defer.TimeoutError:
+                for context in self.contexts:
+                    for session in list(context.sessions):
+                        session.shutdown()
+                # A commit in flight still answers (its fsync is in the spool pool).
+                last = self._sessions_done()
+                last.addTimeout(5.0, self.reactor)
+                await last.addErrback(lambda f: f.trap(defer.TimeoutError))
+
     def _close_relay(self, _: object) -> defer.Deferred[Any]:
         """QUIT the pooled smarthost connections; a stop never waits long for a polite QUIT."""
-        closing = self.relay.close()
+        closing = defer.gatherResults([self.relay.close(), *self._retiring], consumeErrors=True)
         closing.addTimeout(min(self.config.relay.command_timeout, 5.0), self.reactor)
         return closing.addErrback(lambda f: log.warn("closing smarthost connections: {e}",
                                                      e=f.getErrorMessage()))
 
     def stopService(self) -> defer.Deferred[None]:
-        ports, self.ports = self.ports, []
-        stopping = [defer.maybeDeferred(p.stopListening) for p in ports]
-        for context in self.contexts:
-            for session in list(context.sessions):
-                session.shutdown()
-        d = defer.gatherResults(stopping, consumeErrors=True)
+        d = defer.Deferred.fromCoroutine(self._drain())
+        d.addErrback(lambda f: log.failure("stopping the listeners", f))
         d.addBoth(lambda _: super(GatewayService, self).stopService())
         d.addBoth(self._close_relay)
 
         def pools(result: Any) -> Any:
             self.spool_pool.stop()
             self.auth_pool.stop()
+            globalLogPublisher.removeObserver(self.metrics.observer)
+            self.notifier.close()
             return result
 
         return d.addBoth(pools)

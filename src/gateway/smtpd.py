@@ -70,6 +70,7 @@ class GatewaySMTP(SessionAuth, smtp.ESMTP):
         self._busy = False
         self._paused = False  # reading stopped: too much input held while busy
         self._closed = False
+        self._draining = False  # the service is stopping: 421 once no transaction is open
         self._discarding = False  # skipping the rest of an over-long command line
         self._reader: BodyReader | None = None
         self._exchange: Exchange | None = None
@@ -146,6 +147,8 @@ class GatewaySMTP(SessionAuth, smtp.ESMTP):
             self._counted = False
             self.context.connections.close(self.client_ip)
             self.context.sessions.discard(self)
+            if self.context.on_close is not None:
+                self.context.on_close()
             why = "during DATA" if self._reader is not None else "closed"
             maillog.disconnected(self.session, self.client_ip, why, self.messages)
         if self._logout is not None:
@@ -165,8 +168,13 @@ class GatewaySMTP(SessionAuth, smtp.ESMTP):
             return
         self._send(R.SESSION_TIMEOUT)
 
-    def shutdown(self) -> None:
-        """Service is stopping: end the session with a 421 unless a commit is in flight."""
+    def shutdown(self, drain: bool = False) -> None:
+        """Service is stopping: 421 4.3.2 and close.  A commit in flight is answered
+        first (then the 421 follows it); with ``drain`` a transaction in progress (after
+        MAIL, while DATA is read) may also finish first."""
+        self._draining = True
+        if drain and (self.sender is not None or self._reader is not None):
+            return
         if not self._busy and not self._closed:
             self._send(R.SHUTTING_DOWN)
 
@@ -176,6 +184,9 @@ class GatewaySMTP(SessionAuth, smtp.ESMTP):
         self.transport.write(reply.encode())
         if reply.disconnect:
             self._close()
+            return
+        if self._draining and self.sender is None and self._reader is None:
+            self._send(R.SHUTTING_DOWN)  # the transaction is over: now stop
             return
         if reply.code >= 400:
             self.errors += 1
@@ -554,7 +565,7 @@ class GatewaySMTP(SessionAuth, smtp.ESMTP):
         def queued(_: object) -> Reply:
             self.messages += 1
             maillog.queued(qid, self.session, envelope.sender, len(recipients), len(message),
-                           auth_user)
+                           auth_user, latency=self.clock.seconds() - now)
             return Reply(250, "2.0.0", f"Ok: queued as {qid}")
 
         def failed(failure: Failure) -> Reply:

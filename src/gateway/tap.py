@@ -33,6 +33,9 @@ class Options(usage.Options):
 def makeService(options: Options):
     from twisted.internet import reactor
 
+    from gateway.reload import HangupService
+    from gateway.sdnotify import Notifier
     from gateway.service import GatewayService
-
-    return GatewayService(options.loaded, reactor)
+    gateway = GatewayService(options.loaded, reactor, Notifier())
+    HangupService(gateway.reload, reactor).setServiceParent(gateway)
+    return gateway

@@ -1,0 +1,69 @@
+"""The operations wiring as systemd runs it: twistd with NOTIFY_SOCKET, SIGHUP, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+from test_twistd import TWISTD, wait_for_line
+
+SRC = str(Path(__file__).parent.parent / "src")
+
+
+def datagram(sock: socket.socket) -> dict[str, str]:
+    data = sock.recv(4096).decode()
+    return dict(line.split("=", 1) for line in data.splitlines())
+
+
+def test_twistd_notifies_systemd_survives_sighup_and_logs_json(tmp_path, server_cert):
+    conf = tmp_path / "gw.toml"
+    conf.write_text(f"""
+[gateway]
+hostname = "gw.example.test"
+state_dir = "{tmp_path / 'state'}"
+[tls]
+certificate = "{server_cert.cert}"
+private_key = "{server_cert.key}"
+[[listeners]]
+endpoint = "tcp:0:interface=127.0.0.1"
+mode = "smtp"
+[[smarthosts]]
+host = "127.0.0.1"
+port = 9
+security = "none"
+""")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(30)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": SRC,
+           "NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
+    proc = subprocess.Popen([TWISTD, "-n", "--pidfile=", "--logger=gateway.logsetup.json_stdout",
+                             "itpison-gateway", "--config", str(conf)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        ready = datagram(notify)
+        assert ready["READY"] == "1" and "1 listeners" in ready["STATUS"]
+        proc.send_signal(signal.SIGHUP)
+        assert datagram(notify)["RELOADING"] == "1"
+        assert datagram(notify)["READY"] == "1"
+        lines = wait_for_line(proc, '"event": "reload"')
+        record = json.loads(lines[-1])
+        assert record["result"] == "ok"
+        conf.write_text(conf.read_text().replace('port = 9', 'port = 0'))  # invalid
+        proc.send_signal(signal.SIGHUP)
+        assert datagram(notify)["RELOADING"] == "1"
+        assert "refused" in datagram(notify)["STATUS"]
+        lines = wait_for_line(proc, '"event": "reload"')
+        assert json.loads(lines[-1])["result"] == "refused"
+        assert proc.poll() is None  # SIGHUP no longer kills twistd
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert datagram(notify)["STOPPING"] == "1"
+    assert proc.returncode in (0, -signal.SIGTERM), out[-3000:]
+    notify.close()
+    assert os.path.isdir(tmp_path / "state" / "spool" / "queue")
