@@ -557,3 +557,47 @@ async def test_reload_swaps_the_smarthost_list_and_mail_still_flows(tmp_path, te
         await smarthost.wait_for_messages(1, timeout=20)
     finally:
         await gw.stopService()
+
+
+# --- the README's two-node example: two gateways behind a PROXY balancer, one Redis --------
+
+@pytest_twisted.ensureDeferred
+async def test_two_nodes_behind_a_proxy_share_limits_on_the_real_client_address(
+        tmp_path, test_ca, server_cert, smarthost, redis_server):
+    from gateway.config import parse_config
+    from gateway.service import GatewayService
+    nodes = []
+    for name in ("node1", "node2"):
+        data = {"gateway": {"hostname": f"{name}.example.test",
+                            "state_dir": str(tmp_path / name)},
+                "tls": {"certificate": str(server_cert.cert),
+                        "private_key": str(server_cert.key)},
+                "listeners": [{"endpoint": "tcp:0:interface=127.0.0.1", "mode": "smtp",
+                               "proxy_protocol_from": ["127.0.0.1/32"]}],
+                "smarthosts": [smarthost_entry(smarthost.port, test_ca.ca_pem)],
+                "relay": {"trusted_networks": ["198.51.100.0/24"]},
+                "ratelimit": {"redis": redis_server.url, "deadline": 0.3,
+                              "rules": [{"dimension": "messages", "key": "ip", "limit": 2,
+                                         "window": "1h"}]}}
+        node = GatewayService(parse_config(data, base_dir=tmp_path), reactor)
+        node.startService()
+        nodes.append(node)
+    try:
+        def via_balancer(node, client):
+            port = node.ports[0].getHost().port
+            c = RawClient(socket.create_connection(("127.0.0.1", port), timeout=20))
+            c.send(f"PROXY TCP4 {client} 127.0.0.1 40000 25\r\n".encode())
+            c.reply()
+            c.command(b"EHLO client\r\n")
+            mail = c.command(b"MAIL FROM:<a@corp.example>\r\n")
+            c.close()
+            return mail[:3]
+
+        codes = [await threads.deferToThread(via_balancer, node, "198.51.100.7")
+                 for node in (nodes[0], nodes[1], nodes[0])]
+        assert codes == ["250", "250", "451"]  # 2 per hour for 198.51.100.7, both nodes
+        # Another client behind the same balancer has its own count.
+        assert await threads.deferToThread(via_balancer, nodes[1], "198.51.100.8") == "250"
+    finally:
+        for node in nodes:
+            await node.stopService()
