@@ -126,3 +126,23 @@ async def test_failures_per_address(gateway):
     assert "127.0.0.9" not in gateway.service.connections.per_ip
     assert (await run(gateway, "submission", "alice", "alice-pw", source="127.0.0.9"))[0] == 421
     assert (await run(gateway, "submission", "alice", "alice-pw", source="127.0.0.10"))[0] == 235
+
+
+@pytest_twisted.ensureDeferred
+async def test_reload_rebuilds_the_ldap_checker(gateway):
+    """A reload with new [auth.ldap] settings swaps the checker (and its thread pool)."""
+    from dataclasses import replace
+
+    service = gateway.service
+    assert await run(gateway, "submission", "bob", "bob-pw") == (535, None)  # group gate
+    old = service.auth.checkers["ldap"]
+    config = service.config
+    opened = replace(config, auth=replace(config.auth,
+                                          ldap=replace(config.auth.ldap, required_groups=())))
+    service.reloader.load = lambda current: opened
+    assert service.reload() is True
+    assert service.auth.checkers["ldap"] is not old
+    assert not old.running and service.auth.checkers["ldap"].running
+    assert await run(gateway, "submission", "bob", "bob-pw") == (235, None)
+    # The listener limited to the users file still has no LDAP backend after the reload.
+    assert await run(gateway, "files-only", "bob", "bob-pw") == (535, None)
