@@ -601,3 +601,23 @@ async def test_two_nodes_behind_a_proxy_share_limits_on_the_real_client_address(
     finally:
         for node in nodes:
             await node.stopService()
+
+
+def test_auth_metrics_name_the_backend_that_said_yes():
+    from prometheus_client import CollectorRegistry
+
+    from gateway.metrics import MailLogMetrics
+
+    registry = CollectorRegistry()
+    metrics = MailLogMetrics(registry, "ldap+file")
+    metrics({"event": "auth_ok", "mechanism": "PLAIN", "backend": "file"})
+    metrics({"event": "auth_failed", "mechanism": "LOGIN", "reason": "bad credentials"})
+    metrics({"event": "auth_failed", "mechanism": "PLAIN", "reason": "backend unavailable"})
+
+    def value(backend, mechanism, outcome):
+        return registry.get_sample_value("itpison_gateway_auth_total", {
+            "backend": backend, "mechanism": mechanism, "outcome": outcome})
+
+    assert value("file", "PLAIN", "ok") == 1
+    assert value("ldap+file", "LOGIN", "failed") == 1
+    assert value("ldap+file", "PLAIN", "unavailable") == 1

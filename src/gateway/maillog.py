@@ -23,10 +23,10 @@ def disconnected(session: str, client_ip: str, reason: str, messages: int) -> No
              messages=messages)
 
 
-def auth_ok(session: str, client_ip: str, user: str, mechanism: str) -> None:
-    log.info("{session} auth ok user={user} mechanism={mechanism} from {client_ip}",
+def auth_ok(session: str, client_ip: str, user: str, mechanism: str, backend: str = "") -> None:
+    log.info("{session} auth ok user={user} mechanism={mechanism} backend={backend} from {client_ip}",
              event="auth_ok", session=session, client_ip=client_ip, user=user,
-             mechanism=mechanism)
+             mechanism=mechanism, backend=backend or "-")
 
 
 def auth_failed(session: str, client_ip: str, user: str, mechanism: str, reason: str) -> None:

@@ -93,7 +93,10 @@ class MailLogMetrics:
         self.connections.labels(e["listener"]).inc()
 
     def _on_auth_ok(self, e: dict[str, Any]) -> None:
-        self.auth.labels(self.auth_backend, e["mechanism"], "ok").inc()
+        # Success names the backend that said yes; a failure is the whole chain's answer.
+        backend = e.get("backend")
+        self.auth.labels(backend if backend and backend != "-" else self.auth_backend,
+                         e["mechanism"], "ok").inc()
 
     def _on_auth_failed(self, e: dict[str, Any]) -> None:
         outcome = "unavailable" if "unavailable" in str(e.get("reason")) else "failed"

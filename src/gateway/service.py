@@ -120,7 +120,7 @@ class GatewayService(service.MultiService):
             backend.setServiceParent(self)
         self.options = XHeaderPolicy(config.options)
         self.reloader = Reloader(self)
-        self.metrics = GatewayMetrics(self, "users_file" if config.auth.users_file else "none")
+        self.metrics = GatewayMetrics(self, "+".join(self.auth.checkers) or "none")
         CertificateWatcher(lambda: list(self.tls_creators.values()),
                            config.service.certificate_check_interval, reactor
                            ).setServiceParent(self)

@@ -110,7 +110,8 @@ class SessionAuth:
             logout()
             return R.AUTH_OK
         self.principal, self._logout = principal, logout
-        maillog.auth_ok(self.session, self.client_ip, principal.name, mechanism)
+        maillog.auth_ok(self.session, self.client_ip, principal.name, mechanism,
+                        principal.backend)
         return R.AUTH_OK
 
     def _auth_failed(self, failure: Failure, mechanism: str,
