@@ -199,7 +199,8 @@ class GatewayService(service.MultiService):
         self.spool_pool.start()
         self.auth_pool.start()
         factories = self.build_factories()
-        globalLogPublisher.addObserver(self.metrics.observer)
+        if self.web is not None:  # the counters only serve /metrics: none without it
+            globalLogPublisher.addObserver(self.metrics.observer)
         super().startService()  # the scheduler scans the spool
         for listener, factory in factories:
             self._listen(listener, factory)
@@ -269,7 +270,8 @@ class GatewayService(service.MultiService):
         def pools(result: Any) -> Any:
             self.spool_pool.stop()
             self.auth_pool.stop()
-            globalLogPublisher.removeObserver(self.metrics.observer)
+            if self.web is not None:
+                globalLogPublisher.removeObserver(self.metrics.observer)
             self.notifier.close()
             return result
 
