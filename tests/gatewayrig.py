@@ -38,6 +38,16 @@ class Gateway:
                                     timeout=20, source_address=address)
         return smtplib.SMTP("127.0.0.1", self.ports[mode], timeout=20, source_address=address)
 
+    def transaction(self, message: bytes, sender: str = "a@corp.example",
+                    recipient: str = "b@example.net") -> tuple[int, bytes]:
+        """One trusted-network transaction on the smtp listener: the reply to the end of
+        DATA, as (code, text) (blocking: call it inside a thread)."""
+        with self.smtp("smtp") as c:
+            c.ehlo("x")
+            c.mail(sender)
+            c.rcpt(recipient)
+            return c.data(message)
+
     def raw(self, mode: str = "smtp") -> RawClient:
         return RawClient(socket.create_connection(("127.0.0.1", self.ports[mode]), timeout=20))
 

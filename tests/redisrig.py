@@ -4,20 +4,15 @@ freeze (SIGSTOP) and thaw (SIGCONT) on demand."""
 from __future__ import annotations
 
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from procrig import ServerProcess, free_port
 
 
-class RedisServer:
+class RedisServer(ServerProcess):
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.port = free_port()
@@ -50,19 +45,7 @@ class RedisServer:
         raise RuntimeError("redis-server did not answer PING within 10 s")
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.kill()
-            self.proc.wait(10)
-        self.proc = None
-
-    def freeze(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGCONT)
+        self.end(graceful=False)
 
     def command(self, *args: str) -> bytes:
         """One command over a raw socket (RESP); the raw reply."""

@@ -8,12 +8,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
+
+from procrig import ServerProcess, free_port
 
 SLAPD = "/usr/sbin/slapd"
 SLAPADD = "/usr/sbin/slapadd"
@@ -85,13 +86,7 @@ def ldif() -> str:
     return "".join(out)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Slapd:
+class Slapd(ServerProcess):
     def __init__(self, workdir: Path, test_ca: Any) -> None:
         if not os.access(SLAPD, os.X_OK):
             raise RuntimeError("slapd is not installed: scripts/test.sh installs slapd and"
@@ -146,20 +141,4 @@ class Slapd:
         raise RuntimeError("slapd did not start listening within 15 s")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
-
-    def freeze(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGCONT)
+        self.end(graceful=True)

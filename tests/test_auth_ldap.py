@@ -16,7 +16,8 @@ from gateway.auth import BackendUnavailable, Identity
 from gateway.auth_ldap import LdapChecker, option_defaults
 from gateway.config_auth import LdapSection
 from pki import TestCA
-from slapdrig import SERVICE_DN, SERVICE_PASSWORD, SUFFIX, Slapd, free_port
+from procrig import free_port
+from slapdrig import SERVICE_DN, SERVICE_PASSWORD, SUFFIX, Slapd
 
 PEOPLE = f"ou=people,{SUFFIX}"
 

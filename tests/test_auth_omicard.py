@@ -31,6 +31,7 @@ from gateway.upstream import (
 )
 from gatewayrig import smarthost_entry, start_gateway
 from pki import TestCA
+from procrig import free_port
 from slapdrig import SERVICE_DN, SERVICE_PASSWORD, SUFFIX
 from test_auth_e2e import session
 
@@ -77,11 +78,6 @@ async def outcome(checker, user, password):
         return "535"
     except BackendUnavailable:
         return "454"
-
-
-def free_port():
-    from slapdrig import free_port as fp
-    return fp()
 
 
 # --- the checker ---------------------------------------------------------------------------

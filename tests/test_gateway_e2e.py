@@ -54,14 +54,7 @@ async def test_trusted_network_relay_end_to_end(gateway, smarthost):
 
 @pytest_twisted.ensureDeferred
 async def test_250_carries_queue_id_and_message_is_on_disk(gateway, smarthost):
-    def send():
-        with gateway.smtp("smtp") as c:
-            c.ehlo("x")
-            c.mail("a@corp.example")
-            c.rcpt("b@example.net")
-            return c.data(message())
-
-    code, text = await threads.deferToThread(send)
+    code, text = await threads.deferToThread(gateway.transaction, message())
     assert code == 250 and text.startswith(b"2.0.0 Ok: queued as ")
     qid = text.split()[-1].decode()
     await smarthost.wait_for_messages(1, timeout=20)
@@ -311,19 +304,12 @@ async def test_disk_full_gives_452_and_nothing_is_queued(small_disk, tmp_path, t
         filler.write_bytes(b"\0" * (free - 100_000))  # leave ~100 KB
         big = message(body=("y" * 70 + "\r\n") * 4000)  # ~290 KB
 
-        def send(msg):
-            with gw.smtp("smtp") as c:
-                c.ehlo("x")
-                c.mail("a@corp.example")
-                c.rcpt("b@example.net")
-                return c.data(msg)
-
-        code, text = await threads.deferToThread(send, big)
+        code, text = await threads.deferToThread(gw.transaction, big)
         assert (code, text[:5]) == (452, b"4.3.1")
         queue = small_disk / "state" / "spool" / "queue"
         assert list(queue.iterdir()) == [] and list((queue.parent / "tmp").iterdir()) == []
         filler.unlink()
-        code, _ = await threads.deferToThread(send, big)
+        code, _ = await threads.deferToThread(gw.transaction, big)
         assert code == 250
         await smarthost.wait_for_messages(1, timeout=20)
     finally:
@@ -336,13 +322,6 @@ async def test_unwritable_spool_gives_452(gateway, tmp_path, smarthost):
     tmpdir.rmdir()
     tmpdir.write_bytes(b"")  # the spool cannot create files any more (even as root)
 
-    def send():
-        with gateway.smtp("smtp") as c:
-            c.ehlo("x")
-            c.mail("a@corp.example")
-            c.rcpt("b@example.net")
-            return c.data(message())
-
-    code, text = await threads.deferToThread(send)
+    code, text = await threads.deferToThread(gateway.transaction, message())
     assert (code, text[:5]) == (452, b"4.3.1")
     assert list((tmp_path / "state" / "spool" / "queue").iterdir()) == []
