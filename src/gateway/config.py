@@ -42,7 +42,14 @@ from gateway.config_auth import (
     parse_omicard,
     parse_upstream_accounts,
 )
-from gateway.config_ops import MetricsSection, ServiceSection, parse_metrics, parse_service
+from gateway.config_ops import (
+    MetricsSection,
+    ServiceSection,
+    check_workers,
+    parse_metrics,
+    parse_service,
+    worker_share,
+)
 from gateway.config_ratelimit import (
     RateLimitSection,
     RateOverrideSection,
@@ -58,7 +65,7 @@ __all__ = [
     "QueueSection", "RateLimitSection", "ServiceSection", "UpstreamAccountSection",
     "RateOverrideSection", "RateRuleSection", "RelaySection", "SmarthostFallback",
     "SmarthostSection", "TLSSection",
-    "default_config", "describe", "load_config", "parse_config",
+    "default_config", "describe", "load_config", "parse_config", "worker_share",
 ]
 
 
@@ -284,6 +291,9 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path,
             if host.security == "none" and not host.allow_insecure_auth:
                 raise ConfigError("auth.omicard", f"smarthosts[{i}] has security = \"none\":"
                                   " OMICard passwords would cross the network in clear")
+    ratelimit = parse_ratelimit(data.get("ratelimit", {}), ctx, _table)
+    service = parse_service(data.get("service", {}), ctx, _table)
+    check_workers(service, ratelimit)
     return Config(
         gateway=_gateway(data.get("gateway", {}), ctx),
         tls=TLSSection(*_key_pair(_table(data.get("tls", {}), "tls", _TLS_KEYS, ctx), "tls")),
@@ -294,8 +304,8 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path,
         limits=_limits(data.get("limits", {}), ctx),
         queue=_queue(data.get("queue", {}), ctx),
         options=parse_options(data.get("options", {}), ctx),
-        ratelimit=parse_ratelimit(data.get("ratelimit", {}), ctx, _table),
-        service=parse_service(data.get("service", {}), ctx, _table),
+        ratelimit=ratelimit,
+        service=service,
         metrics=parse_metrics(data.get("metrics", {}), ctx, _table),
         source=source,
     )

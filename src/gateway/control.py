@@ -19,6 +19,7 @@ the gateway knows which messages are ``active``.
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,11 @@ class QueueControl:
     """The commands, as coroutines returning JSON-able results."""
 
     def __init__(self, scheduler: Scheduler, spool_root: Path, reactor: Any,
-                 threadpool: ThreadPool) -> None:
+                 threadpool: ThreadPool,
+                 extra: Mapping[str, Callable[[dict[str, Any]], Awaitable[Any]]] | None = None
+                 ) -> None:
         self.scheduler = scheduler
+        self.extra = dict(extra or {})  # more commands (a worker's, for its supervisor)
         self.root = spool_root
         self.reactor = reactor
         self.pool = threadpool
@@ -73,6 +77,8 @@ class QueueControl:
             if command != "flush" and not ids:
                 raise ControlError(f"{command} needs at least one queue id")
             return await self._mutate(command, ids)
+        if command in self.extra:
+            return await self.extra[command](request)
         raise ControlError(f"unknown command {command!r}")
 
     async def _read(self, command: str, ids: list[str], filters: dict[str, Any]) -> Any:

@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from gateway import reply as R
 from gateway.auth import AuthThrottle
 from gateway.config import Config, LimitsSection, ListenerSection
-from gateway.envelope import Envelope
+from gateway.envelope import Envelope, new_queue_id
 from gateway.optionpolicy import XHeaderPolicy
 from gateway.ratelimit import RateLimiter
 from gateway.reply import Reply
@@ -88,3 +88,4 @@ class ListenerContext:
     options: XHeaderPolicy | None = None  # the X-Header policy; None: headers pass untouched
     upstream: Any = None  # upstream.UpstreamPolicy; None: every message under the global account
     on_close: Callable[[], None] | None = None  # called when a counted session ends
+    new_id: Callable[[float], str] = new_queue_id  # queue ids in this process's slots

@@ -32,7 +32,7 @@ from gateway import maillog
 from gateway.config import QueueSection
 from gateway.delivery import AttemptResult, Outcome, RecipientResult, Relay
 from gateway.dsn import build_bounce
-from gateway.envelope import Envelope, new_queue_id
+from gateway.envelope import Envelope
 from gateway.queuestate import BOUNCED, DELIVERED, PENDING, QueueState
 from gateway.sendrate import SendRate, Unlimited
 from gateway.spool import CorruptMessage, NoSuchMessage, Spool
@@ -346,7 +346,7 @@ class Scheduler(service.Service):
         dsn = build_bounce(envelope, message, [r.result() for r in bounced],
                            reporting_mta=self.hostname, now=now,
                            expired=any(r.expired for r in bounced))
-        dsn_env = Envelope(queue_id=new_queue_id(now), sender="", recipients=(envelope.sender,),
+        dsn_env = Envelope(queue_id=self.spool.new_id(now), sender="", recipients=(envelope.sender,),
                            received_at=now, listener="bounce", size=len(dsn),
                            extra={"bounce_of": envelope.queue_id})
         await self.spool.submit(dsn_env, dsn)  # if this fails, the original stays queued

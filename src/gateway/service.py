@@ -6,6 +6,9 @@ Nothing here reads the global reactor; ``tap`` passes it in.
 
 from __future__ import annotations
 
+import os
+import socket
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,28 +26,46 @@ from gateway import tls
 from gateway.auth import AuthThrottle
 from gateway.authsetup import AuthBackends, upstream_policy
 from gateway.certs import CertificateSource, CertificateWatcher, SwappableServerTLS
-from gateway.config import Config, ListenerSection, describe
+from gateway.config import Config, ListenerSection, describe, worker_share
 from gateway.control import ControlService, QueueControl
 from gateway.envelope import Envelope
 from gateway.listener import ConnectionCounter, ListenerContext, ListenerSettings
 from gateway.metrics import GatewayMetrics
 from gateway.optionpolicy import XHeaderPolicy
+from gateway.ownership import QueueOwnership
 from gateway.proxyproto import ProxyProtocolFactory
 from gateway.ratelimit import LimitStore, RateLimiter
 from gateway.ratelimit_local import LocalStore
 from gateway.ratelimit_redis import RedisStore
 from gateway.relay import SmarthostRelay
-from gateway.reload import Reloader
+from gateway.reload import Reloader, load_again
 from gateway.reply import ReplyError
 from gateway.scheduler import Scheduler
 from gateway.sdnotify import Notifier, WatchdogService
 from gateway.sendrate import send_rate
 from gateway.smtpd import GatewaySMTPFactory
 from gateway.spool import Spool, SpoolError, SpoolFull
-from gateway.webops import OperationsWebService
+from gateway.webops import OperationsWebService, worker_commands
 
 log = Logger()
 CONTROL_SOCKET = "control.sock"  # in gateway.state_dir; `itpison-gateway queue` talks to it
+WORKER_SOCKETS = "workers"  # state_dir/workers/<index>.sock: a worker's control socket
+
+
+@dataclass(frozen=True)
+class WorkerRole:
+    """This GatewayService is worker ``index`` of ``count`` under a supervisor
+    (gateway.supervisor): it adopts the listening sockets it inherited as ``fds`` (listener
+    name -> file descriptor), holds only its queue slots, answers its own control socket,
+    and leaves /metrics and systemd to the supervisor."""
+
+    index: int
+    count: int
+    fds: dict[str, int] = field(default_factory=dict)
+
+
+def worker_socket(state_dir: Path, index: int) -> Path:
+    return state_dir / WORKER_SOCKETS / f"{index}.sock"
 
 
 class QueueSink:
@@ -82,8 +103,12 @@ def _limit_store(config: Config, reactor: Any) -> LimitStore:
 class GatewayService(service.MultiService):
     """Listeners, spool, scheduler and relay for one Config."""
 
-    def __init__(self, config: Config, reactor: Any, notifier: Notifier | None = None) -> None:
+    def __init__(self, config: Config, reactor: Any, notifier: Notifier | None = None,
+                 worker: WorkerRole | None = None) -> None:
         super().__init__()
+        self.worker = worker
+        if worker is not None:
+            config = worker_share(config)
         self.config = config
         self.reactor = reactor
         self.notifier = notifier or Notifier({})  # systemd's, from tap; a no-op by default
@@ -95,7 +120,10 @@ class GatewayService(service.MultiService):
         self._drained: list[defer.Deferred[None]] = []
         self.spool_pool = ThreadPool(minthreads=1, maxthreads=4, name="spool")
         self.auth_pool = ThreadPool(minthreads=1, maxthreads=4, name="auth")
-        self.spool = Spool(config.gateway.state_dir / "spool", reactor, self.spool_pool)
+        spool_root = config.gateway.state_dir / "spool"
+        self.ownership = (QueueOwnership(spool_root) if worker is None
+                          else QueueOwnership(spool_root, worker.index, worker.count))
+        self.spool = Spool(spool_root, reactor, self.spool_pool, self.ownership)
         self.upstream = upstream_policy(config)
         self.relay = SmarthostRelay(config.smarthosts, config.relay, config.gateway.hostname,
                                     reactor, upstream=self.upstream)
@@ -106,9 +134,12 @@ class GatewayService(service.MultiService):
                                                                 reactor),
                                    outbound=self.limiter)
         self.scheduler.setServiceParent(self)
+        control_path = (config.gateway.state_dir / CONTROL_SOCKET if worker is None
+                        else worker_socket(config.gateway.state_dir, worker.index))
         self.control = ControlService(
-            QueueControl(self.scheduler, config.gateway.state_dir / "spool", reactor,
-                         self.spool_pool), config.gateway.state_dir / CONTROL_SOCKET, reactor)
+            QueueControl(self.scheduler, spool_root, reactor, self.spool_pool,
+                         extra=worker_commands(self) if worker else None),
+            control_path, reactor)
         self.control.setServiceParent(self)
         self.sink = QueueSink(self.spool, self.scheduler)
         self.connections = ConnectionCounter(config.limits.max_connections,
@@ -119,15 +150,25 @@ class GatewayService(service.MultiService):
         for backend in self.auth.services:
             backend.setServiceParent(self)
         self.options = XHeaderPolicy(config.options)
-        self.reloader = Reloader(self)
+        self.reloader = Reloader(self, load_again if worker is None else self._load_for_worker)
         self.metrics = GatewayMetrics(self, "+".join(self.auth.checkers) or "none")
         CertificateWatcher(lambda: list(self.tls_creators.values()),
                            config.service.certificate_check_interval, reactor
                            ).setServiceParent(self)
         WatchdogService(self.notifier, reactor).setServiceParent(self)
         self.web: OperationsWebService | None = None
-        if config.metrics.endpoint is not None:
+        # Counters are kept only when /metrics is served: here, or by the supervisor.
+        self.metrics_on = config.metrics.endpoint is not None
+        if self.metrics_on and worker is None:
             self.web = OperationsWebService(self, config.metrics.endpoint)
+
+    def _load_for_worker(self, current: Config) -> Config:
+        """A worker re-reads the file with its worker count pinned (a new count needs a
+        restart, which the supervisor says), then takes its share."""
+        new = load_again(current)
+        if new.service.workers != self.worker.count:
+            new = replace(new, service=replace(new.service, workers=self.worker.count))
+        return worker_share(new)
 
 
     def certificate_for(self, listener: ListenerSection, config: Config) -> tuple[Path, Path]:
@@ -151,7 +192,7 @@ class GatewayService(service.MultiService):
                 starttls_creator=None if listener.mode == "smtps" else creator,
                 sink=self.sink, throttle=self.throttle, connections=self.connections,
                 options=self.options, limiter=self.limiter, upstream=self.upstream,
-                on_close=self._session_closed)
+                on_close=self._session_closed, new_id=self.spool.new_id)
             self.contexts.append(context)
             factory: Any = GatewaySMTPFactory(context)
             if listener.mode == "smtps":
@@ -196,10 +237,12 @@ class GatewayService(service.MultiService):
             log.info("{line}", line=line)
         self.config.gateway.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.spool.open()
+        # Before the scan, and before a 250 can name a queue id: the slots are ours alone.
+        self.ownership.acquire(timeout=self.config.service.stop_timeout + 15.0)
         self.spool_pool.start()
         self.auth_pool.start()
         factories = self.build_factories()
-        if self.web is not None:  # the counters only serve /metrics: none without it
+        if self.metrics_on:  # the counters only serve /metrics: none without it
             globalLogPublisher.addObserver(self.metrics.observer)
         super().startService()  # the scheduler scans the spool
         for listener, factory in factories:
@@ -209,6 +252,10 @@ class GatewayService(service.MultiService):
         self.notifier.ready(self.status_text())
 
     def _listen(self, listener: ListenerSection, factory: Any) -> None:
+        if self.worker is not None:
+            port = _adopt(self.reactor, self.worker.fds[listener.name], factory)
+            self.ports.append(port)
+            return
         endpoint = serverFromString(self.reactor, listener.endpoint)
         d = endpoint.listen(factory)
         result: list[Any] = []
@@ -270,9 +317,23 @@ class GatewayService(service.MultiService):
         def pools(result: Any) -> Any:
             self.spool_pool.stop()
             self.auth_pool.stop()
-            if self.web is not None:
+            self.ownership.release()  # the scheduler has stopped: nothing of ours in flight
+            if self.metrics_on:
                 globalLogPublisher.removeObserver(self.metrics.observer)
             self.notifier.close()
             return result
 
         return d.addBoth(pools)
+
+
+def _adopt(reactor: Any, fd: int, factory: Any) -> IListeningPort:
+    """Accept on a listening socket inherited from the supervisor (``adoptStreamPort``
+    duplicates it, so the inherited descriptor is closed afterwards)."""
+    probe = socket.socket(fileno=fd)
+    try:
+        family = probe.family
+    finally:
+        probe.detach()
+    port = reactor.adoptStreamPort(fd, family, factory)
+    os.close(fd)
+    return port

@@ -33,7 +33,7 @@ from gateway import maillog, policy
 from gateway import reply as R
 from gateway.auth import Principal
 from gateway.data import Body, BodyReader
-from gateway.envelope import Address, Envelope, new_queue_id, parse_path_and_params
+from gateway.envelope import Address, Envelope, parse_path_and_params
 from gateway.listener import ListenerContext
 from gateway.message import header_block, parse_headers, received_header
 from gateway.optionpolicy import Submitter
@@ -509,7 +509,7 @@ class GatewaySMTP(SessionAuth, smtp.ESMTP):
                              f"From: not owned by {self.principal.name if self.principal else '-'}")
             return refusal
         now = self.clock.seconds()
-        qid = new_queue_id(now)
+        qid = self.context.new_id(now)
         body = self._control_headers(result, now, qid)
         if isinstance(body, Reply):
             return body

@@ -35,7 +35,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from gateway.envelope import Envelope
+from gateway.envelope import Envelope, new_queue_id
+from gateway.ownership import QueueOwnership
 from gateway.queuestate import QueueState
 
 __all__ = ["CorruptMessage", "NoSuchMessage", "QueueState", "Spool", "SpoolError", "SpoolFull",
@@ -166,8 +167,12 @@ class Spool:
     """The queue directory.  All methods but ``open`` return Deferreds and do their disk
     work in ``threadpool`` (a started ThreadPool owned by the caller)."""
 
-    def __init__(self, root: Path, reactor: Any, threadpool: ThreadPool) -> None:
+    def __init__(self, root: Path, reactor: Any, threadpool: ThreadPool,
+                 ownership: QueueOwnership | None = None) -> None:
         self.root = Path(root)
+        # Which messages are this process's to deliver and clean up (gateway.ownership);
+        # None: all of them (one process, or a tool that only reads).
+        self.ownership = ownership
         self._reactor = reactor
         self._pool = threadpool
         self._writing: set[str] = set()  # tmp/ names in use, which scan() must not remove
@@ -184,6 +189,13 @@ class Spool:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         for name in DIRS:
             (self.root / name).mkdir(mode=0o700, exist_ok=True)
+
+    def owns(self, qid: str) -> bool:
+        return self.ownership is None or self.ownership.owns(qid)
+
+    def new_id(self, now: float | None = None) -> str:
+        """A queue id for a new message, in this process's slots."""
+        return new_queue_id(now) if self.ownership is None else self.ownership.new_id(now)
 
     def _run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         return threads.deferToThreadPool(self._reactor, self._pool, fn, *args)
@@ -281,23 +293,27 @@ class Spool:
         _fsync_dir(src)
 
     def held(self) -> Deferred[list[str]]:
-        """Queue ids in hold/."""
-        return self._run(lambda: sorted(p.name for p in self._hold.iterdir()))
+        """This process's queue ids in hold/."""
+        return self._run(lambda: sorted(p.name for p in self._hold.iterdir()
+                                        if self.owns(p.name)))
 
     def scan(self) -> Deferred[list[str]]:
-        """Queue ids in queue/, oldest first.  Moves invalid files to corrupt/, removes
-        leftovers in tmp/ and state files whose message is gone."""
+        """This process's queue ids in queue/, oldest first.  Moves its invalid files to
+        corrupt/, removes its leftovers in tmp/ and state files whose message is gone.
+        Files of other workers' slots are never touched (they may be mid-write)."""
         return self._run(self._scan)
 
     def _scan(self) -> list[str]:
         with self._lock:
             writing = set(self._writing)
         for path in self._tmp.iterdir():
-            if path.name not in writing:
+            if path.name not in writing and self.owns(path.name.partition(".")[0]):
                 log.info("removing leftover {path}", path=str(path))
                 _unlink_quietly(path)
         good = []
         for path in sorted(self._queue.iterdir()):
+            if not self.owns(path.name):
+                continue
             try:
                 check_file(path, _checked(path.name))
             except (ValueError, OSError) as e:
@@ -306,7 +322,7 @@ class Spool:
                 good.append(path.name)
         known = set(good) | {p.name for p in self._hold.iterdir()}
         for path in self._state.glob("*.json"):
-            if path.stem not in known:
+            if path.stem not in known and self.owns(path.stem):
                 log.info("removing orphan state {path}", path=str(path))
                 _unlink_quietly(path)
         return good

@@ -110,6 +110,25 @@ def ready(gw: Any) -> Any:
     return 200, b"text/plain", b"ready\n"
 
 
+def worker_commands(gw: Any) -> dict[str, Callable[[dict[str, Any]], Any]]:
+    """What a worker's control socket adds for its supervisor, which serves the node's
+    /metrics and /readyz and the queue commands from all workers' answers."""
+
+    async def in_flight(request: dict[str, Any]) -> list[str]:
+        return sorted(gw.scheduler.in_flight)
+
+    async def metrics_text(request: dict[str, Any]) -> str:
+        _, _, body = await metrics(gw)
+        return body.decode()
+
+    async def readiness(request: dict[str, Any]) -> dict[str, Any]:
+        code, _, body = await ready(gw)
+        return {"ready": code == 200, "problems": [] if code == 200
+                else body.decode().splitlines()}
+
+    return {"in_flight": in_flight, "metrics": metrics_text, "ready": readiness}
+
+
 def site(gateway: Any) -> server.Site:
     root = resource.Resource()
     root.putChild(b"metrics", Page(gateway, metrics))
