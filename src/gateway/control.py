@@ -81,8 +81,12 @@ class QueueControl:
             return await self.extra[command](request)
         raise ControlError(f"unknown command {command!r}")
 
+    async def _in_flight(self) -> frozenset[str]:
+        """The messages being delivered now (they show as ``active``)."""
+        return self.scheduler.in_flight
+
     async def _read(self, command: str, ids: list[str], filters: dict[str, Any]) -> Any:
-        in_flight = self.scheduler.in_flight
+        in_flight = await self._in_flight()
         now = self.reactor.seconds()
         if command == "show":
             if len(ids) != 1:

@@ -67,6 +67,8 @@ def _journald_line(event: dict[str, Any]) -> str | None:
     level = event.get("log_level", LogLevel.info)
     namespace = event.get("log_namespace", "-")
     prefix = f"<{_PRIORITY.get(level, 6)}>"
+    if "worker" in event:  # several worker processes (gateway.worker)
+        namespace = f"worker {event['worker']} {namespace}"
     return "".join(f"{prefix}[{namespace}] {line}\n" for line in text.splitlines())
 
 

@@ -64,6 +64,16 @@ class WorkerRole:
     fds: dict[str, int] = field(default_factory=dict)
 
 
+def certificate_for(listener: ListenerSection, config: Config) -> tuple[Path, Path]:
+    """The listener's certificate and key: its own, else ``[tls]``, else the self-signed
+    pair in state_dir/tls (made when missing or about to expire)."""
+    if listener.certificate is not None and listener.private_key is not None:
+        return listener.certificate, listener.private_key
+    if config.tls.certificate is not None and config.tls.private_key is not None:
+        return config.tls.certificate, config.tls.private_key
+    return tls.ensure_self_signed(config.gateway.state_dir / "tls", config.gateway.hostname)
+
+
 def worker_socket(state_dir: Path, index: int) -> Path:
     return state_dir / WORKER_SOCKETS / f"{index}.sock"
 
@@ -172,11 +182,7 @@ class GatewayService(service.MultiService):
 
 
     def certificate_for(self, listener: ListenerSection, config: Config) -> tuple[Path, Path]:
-        if listener.certificate is not None and listener.private_key is not None:
-            return listener.certificate, listener.private_key
-        if config.tls.certificate is not None and config.tls.private_key is not None:
-            return config.tls.certificate, config.tls.private_key
-        return tls.ensure_self_signed(config.gateway.state_dir / "tls", config.gateway.hostname)
+        return certificate_for(listener, config)
 
     def build_factories(self) -> list[tuple[ListenerSection, Any]]:
         """One factory per listener (smtps ones wrapped in TLS from the first byte, and
@@ -233,8 +239,16 @@ class GatewayService(service.MultiService):
         return d
 
     def startService(self) -> None:
-        for line in describe(self.config):
-            log.info("{line}", line=line)
+        if self.worker is None:
+            for line in describe(self.config):
+                log.info("{line}", line=line)
+        else:  # the supervisor logged the configuration; this is the worker's share of it
+            c = self.config
+            log.info("worker {index} of {count}: max_connections={conn} concurrency={conc}"
+                     " max_connections_per_host={pool} messages_per_second={rate:g}",
+                     index=self.worker.index, count=self.worker.count,
+                     conn=c.limits.max_connections, conc=c.queue.concurrency,
+                     pool=c.relay.max_connections_per_host, rate=c.relay.messages_per_second)
         self.config.gateway.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.spool.open()
         # Before the scan, and before a 250 can name a queue id: the slots are ours alone.

@@ -7,6 +7,8 @@ names the key, before anything listens.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.python import usage
 
 from gateway.config import Config, ConfigError, default_config, load_config
@@ -36,6 +38,13 @@ def makeService(options: Options):
     from gateway.reload import HangupService
     from gateway.sdnotify import Notifier
     from gateway.service import GatewayService
-    gateway = GatewayService(options.loaded, reactor, Notifier())
+    from gateway.supervisor import Supervisor
+    if options.loaded.service.workers > 1:
+        # The workers log through the same observer as twistd (--logger).
+        twistd = getattr(options, "parent", None)
+        logger = twistd.get("logger") if twistd is not None else None
+        gateway: Any = Supervisor(options.loaded, reactor, Notifier(), logger=logger)
+    else:
+        gateway = GatewayService(options.loaded, reactor, Notifier())
     HangupService(gateway.reload, reactor).setServiceParent(gateway)
     return gateway

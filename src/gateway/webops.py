@@ -143,14 +143,17 @@ def site(gateway: Any) -> server.Site:
 class OperationsWebService(service.Service):
     """Listens on ``endpoint`` with the operations site; the port is in ``port``."""
 
-    def __init__(self, gateway: Any, endpoint: str) -> None:
+    def __init__(self, gateway: Any, endpoint: str,
+                 make_site: Callable[[Any], server.Site] | None = None) -> None:
         self.gateway = gateway
         self.endpoint = endpoint
+        self.make_site = make_site or site
         self.port: Any = None
 
     def startService(self) -> None:
         super().startService()
-        d = serverFromString(self.gateway.reactor, self.endpoint).listen(site(self.gateway))
+        d = serverFromString(self.gateway.reactor, self.endpoint).listen(
+            self.make_site(self.gateway))
         result: list[Any] = []
         d.addBoth(result.append)
         if result and isinstance(result[0], Failure):
