@@ -1,0 +1,399 @@
+"""``[service] workers = 2`` end to end: a real twistd supervisor and two worker processes
+on one listening socket and one spool, a TLS fake smarthost, smtplib clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest_twisted
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import reactor, threads
+
+from fakesmarthost import FakeSmarthost
+
+SRC = str(Path(__file__).parent.parent / "src")
+TWISTD = str(Path(sys.executable).with_name("twistd"))
+PORT_RE = re.compile(r"listening on IPv4Address\(type='TCP', host='127\.0\.0\.1', port=(\d+)\)"
+                     r" \(smtp\) for 2 workers")
+METRICS_RE = re.compile(r"metrics and health checks on IPv4Address\(.*port=(\d+)\)")
+STARTED_RE = re.compile(r"worker (\d) started \(pid (\d+)\)")
+
+
+class Supervised:
+    """``twistd -n itpison-gateway`` with workers; what it logs is kept in ``lines``."""
+
+    def __init__(self, config: Path, cwd: Path, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", "itpison-gateway", "--config", str(config)],
+            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONPATH": SRC, **(env or {})})
+        self.lines: list[str] = []
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self.pids: dict[int, list[int]] = {0: [], 1: []}  # every pid each worker index had
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._changed:
+                self.lines.append(line)
+                if m := PORT_RE.search(line):
+                    self.port = int(m.group(1))
+                if m := METRICS_RE.search(line):
+                    self.metrics_port = int(m.group(1))
+                if m := STARTED_RE.search(line):
+                    self.pids[int(m.group(1))].append(int(m.group(2)))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_for(self, needle: str, count: int = 1, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while sum(needle in line for line in self.lines) < count:
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None:
+                    raise AssertionError(f"{needle!r} x{count} not seen:\n"
+                                         + "".join(self.lines[-40:]))
+                self._changed.wait(min(left, 0.5))
+
+    def count(self, pattern: str) -> int:
+        with self._changed:
+            return sum(1 for line in self.lines if re.search(pattern, line))
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                return self.proc.wait(10)
+        return self.proc.returncode
+
+
+def write_config(tmp_path: Path, smarthost_port: int, ca: Path, extra: str = "") -> Path:
+    config = tmp_path / "gateway.toml"
+    config.write_text(f"""
+[gateway]
+hostname = "gw.example.test"
+state_dir = "{tmp_path / 'state'}"
+
+[[listeners]]
+endpoint = "tcp:0:interface=127.0.0.1"
+mode = "smtp"
+
+[[smarthosts]]
+host = "127.0.0.1"
+port = {smarthost_port}
+security = "smtps"
+tls_name = "localhost"
+ca_file = "{ca}"
+
+[relay]
+breaker_failures = 1000
+
+[queue]
+retry_min = 1
+retry_max = 2
+
+[service]
+workers = 2
+stop_timeout = "5s"
+
+[metrics]
+endpoint = "tcp:0:interface=127.0.0.1"
+{extra}""")
+    return config
+
+
+def send(port: int, n: int) -> str:
+    mid = f"<w-{n}@corp.example>"
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
+        c.sendmail("app@corp.example", ["bob@example.net"],
+                   f"Message-ID: {mid}\r\nSubject: {n}\r\n\r\nbody {n}\r\n")
+    return mid
+
+
+def send_many(port: int, count: int, start: int = 0) -> list[str]:
+    with ThreadPoolExecutor(8) as pool:  # 8 connections at once: both workers accept
+        return list(pool.map(lambda n: send(port, n), range(start, start + count)))
+
+
+def message_ids(fs: FakeSmarthost) -> list[str]:
+    return [m.data.split(b"Message-ID: ")[1].split(b"\r\n")[0].decode() for m in fs.messages]
+
+
+def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def samples(text: str, name: str) -> dict[str, float]:
+    """``{worker label (or ""): value}`` of one sample name."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name:
+                out[s.labels.get("worker", "")] = s.value
+    return out
+
+
+def queue_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway.cli", "queue", "--state-dir",
+                           str(tmp_path / "state"), *args], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": SRC})
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone for our purposes (its parent, killed, cannot reap it).
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_workers_both_serve_and_no_message_is_delivered_twice(tmp_path, test_ca):
+    fs = FakeSmarthost(reactor, security="smtps", cert=test_ca.issue("w-sh", "localhost"))
+    await fs.start()
+    gw = Supervised(write_config(tmp_path, fs.port, test_ca.ca_pem), tmp_path)
+    try:
+        await threads.deferToThread(gw.wait_for, "all 2 workers ready")
+        assert len({pids[0] for pids in gw.pids.values()}) == 2
+        sent = await threads.deferToThread(send_many, gw.port, 80)
+        await fs.wait_for_messages(80, timeout=60)
+        await threads.deferToThread(time.sleep, 1.0)  # a duplicate would arrive meanwhile
+        delivered = message_ids(fs)
+        assert sorted(delivered) == sorted(sent)  # every one, and none twice
+        # Both processes accepted and delivered a share of the mail.
+        for index in (0, 1):
+            assert gw.count(rf"\[worker {index} gateway\.mail#info\] \S+ queued") > 0
+            assert gw.count(rf"\[worker {index} gateway\.mail#info\] \S+ delivered") > 0
+        assert gw.count(r"queued from=") == 80
+        status, text = await threads.deferToThread(scrape, gw.metrics_port)
+        assert status == 200
+        accepted = samples(text, "itpison_gateway_messages_accepted_total")
+        assert set(accepted) == {"0", "1"} and sum(accepted.values()) == 80, accepted
+        assert all(v > 0 for v in accepted.values())
+        assert samples(text, "itpison_gateway_workers_running") == {"": 2.0}
+        assert samples(text, "itpison_gateway_queue_messages")  # the census, once, unlabelled
+        assert (await threads.deferToThread(scrape, gw.metrics_port, "/readyz"))[0] == 200
+        assert not os.listdir(tmp_path / "state" / "spool" / "queue")
+    finally:
+        code = await threads.deferToThread(gw.stop)
+        await fs.stop()
+    assert code in (0, -signal.SIGTERM), "".join(gw.lines[-30:])
+    assert gw.count(r"worker [01] stopped \(exit status 0\)") == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_killed_worker_is_restarted_and_its_queued_mail_delivered_once(tmp_path, test_ca):
+    fs = FakeSmarthost(reactor, security="smtps", cert=test_ca.issue("w-sh", "localhost"),
+                       responses={"greeting": "421 4.3.2 down"})  # everything stays queued
+    await fs.start()
+    gw = Supervised(write_config(tmp_path, fs.port, test_ca.ca_pem), tmp_path)
+    try:
+        await threads.deferToThread(gw.wait_for, "all 2 workers ready")
+        sent = await threads.deferToThread(send_many, gw.port, 30)
+        queued = {i: gw.count(rf"\[worker {i} gateway\.mail#info\] \S+ queued") for i in (0, 1)}
+        assert all(queued.values()), queued
+        victim = gw.pids[1][0]
+        os.kill(victim, signal.SIGKILL)
+        await threads.deferToThread(gw.wait_for, "worker 1 started", 2)
+        assert gw.pids[1][1] != victim
+        await threads.deferToThread(gw.wait_for, "spool loaded", 3)
+        # The successor found the dead worker's mail: its own slots, nothing of worker 0's.
+        loaded = [line for line in gw.lines if "[worker 1" in line and "spool loaded" in line]
+        assert f"spool loaded: {queued[1]} messages queued" in loaded[-1], loaded
+        status, text = await threads.deferToThread(scrape, gw.metrics_port)
+        assert samples(text, "itpison_gateway_worker_restarts_total") == {"": 1.0}
+        fs.responses.pop("greeting")
+        await fs.wait_for_messages(30, timeout=60)
+        await threads.deferToThread(time.sleep, 1.5)
+        assert sorted(message_ids(fs)) == sorted(sent)
+    finally:
+        code = await threads.deferToThread(gw.stop)
+        await fs.stop()
+    assert code in (0, -signal.SIGTERM), "".join(gw.lines[-30:])
+
+
+@pytest_twisted.ensureDeferred
+async def test_queue_commands_reach_the_worker_that_owns_each_message(tmp_path, test_ca):
+    fs = FakeSmarthost(reactor, security="smtps", cert=test_ca.issue("w-sh", "localhost"),
+                       responses={"greeting": "421 4.3.2 down"})
+    await fs.start()
+    gw = Supervised(write_config(tmp_path, fs.port, test_ca.ca_pem), tmp_path)
+    try:
+        await threads.deferToThread(gw.wait_for, "all 2 workers ready")
+        await threads.deferToThread(send_many, gw.port, 12)
+        listed = await threads.deferToThread(queue_cli, tmp_path, "list", "--json")
+        assert listed.returncode == 0, listed.stderr
+        ids = [e["id"] for e in json.loads(listed.stdout)]
+        assert len(ids) == 12
+        from gateway.ownership import owner_of
+        by_owner = {i: [q for q in ids if owner_of(q, 2) == i] for i in (0, 1)}
+        assert by_owner[0] and by_owner[1]
+        pair = [by_owner[0][0], by_owner[1][0]]
+        held = await threads.deferToThread(queue_cli, tmp_path, "hold", *pair)
+        assert held.returncode == 0, held.stderr
+        assert all(f"{q}: held" in held.stdout for q in pair), held.stdout
+        assert sorted(os.listdir(tmp_path / "state" / "spool" / "hold")) == sorted(pair)
+        summary = await threads.deferToThread(queue_cli, tmp_path, "summary", "--json")
+        states = json.loads(summary.stdout)["states"]
+        assert states["hold"]["T"] == 2, states
+        assert states["deferred"]["T"] + states["active"]["T"] + states["incoming"]["T"] == 10
+        deleted = await threads.deferToThread(queue_cli, tmp_path, "delete", pair[1])
+        assert f"{pair[1]}: deleted" in deleted.stdout, deleted.stdout + deleted.stderr
+        released = await threads.deferToThread(queue_cli, tmp_path, "release", pair[0])
+        assert f"{pair[0]}: released" in released.stdout, released.stdout
+        fs.responses.pop("greeting")
+        flushed = await threads.deferToThread(queue_cli, tmp_path, "flush")
+        assert flushed.returncode == 0, flushed.stderr
+        await fs.wait_for_messages(11, timeout=60)
+        await threads.deferToThread(time.sleep, 1.0)
+        assert len(fs.messages) == 11
+        assert pair[1] not in b"".join(m.data for m in fs.messages).decode()
+    finally:
+        code = await threads.deferToThread(gw.stop)
+        await fs.stop()
+    assert code in (0, -signal.SIGTERM), "".join(gw.lines[-30:])
+
+
+def test_sd_notify_reload_and_stop_with_workers(tmp_path, server_cert):
+    conf = tmp_path / "gw.toml"
+    conf.write_text(f"""
+[gateway]
+hostname = "gw.example.test"
+state_dir = "{tmp_path / 'state'}"
+[tls]
+certificate = "{server_cert.cert}"
+private_key = "{server_cert.key}"
+[[listeners]]
+endpoint = "tcp:0:interface=127.0.0.1"
+mode = "smtp"
+[[smarthosts]]
+host = "127.0.0.1"
+port = 9
+security = "none"
+[service]
+workers = 2
+""")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(30)
+
+    def datagram() -> dict[str, str]:
+        return dict(line.split("=", 1) for line in notify.recv(4096).decode().splitlines())
+
+    gw = Supervised(conf, tmp_path, env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+    try:
+        ready = datagram()
+        assert ready["READY"] == "1" and "2 of 2 workers ready" in ready["STATUS"], ready
+        gw.wait_for("all 2 workers ready")
+        # A valid reload reaches both workers; READY=1 once both have answered.
+        gw.proc.send_signal(signal.SIGHUP)
+        assert datagram()["RELOADING"] == "1"
+        assert datagram()["READY"] == "1"
+        gw.wait_for("reload forwarded to 2 workers")
+        gw.wait_for("configuration reloaded", 2)
+        assert gw.count(r"\[worker 0 gateway\.reload#info\] configuration reloaded") == 1
+        assert gw.count(r"\[worker 1 gateway\.reload#info\] configuration reloaded") == 1
+        # An invalid one is refused by the supervisor; the workers never see it.
+        conf.write_text(conf.read_text().replace("port = 9", "port = 0"))
+        gw.proc.send_signal(signal.SIGHUP)
+        assert datagram()["RELOADING"] == "1"
+        assert "refused" in datagram()["STATUS"]
+        gw.wait_for("reload refused")
+        assert gw.count("configuration reloaded") == 2
+        # A changed worker count is kept until a restart.
+        conf.write_text(conf.read_text().replace("port = 0", "port = 9")
+                        .replace("workers = 2", "workers = 3"))
+        gw.proc.send_signal(signal.SIGHUP)
+        gw.wait_for("service.workers changed (2 -> 3) and needs a restart")
+        gw.wait_for("configuration reloaded", 4)
+        # The workers got no NOTIFY_SOCKET: only the supervisor speaks to systemd.
+        for index in (0, 1):
+            environ = Path(f"/proc/{gw.pids[index][0]}/environ").read_bytes()
+            assert b"NOTIFY_SOCKET" not in environ
+    finally:
+        code = gw.stop()
+    messages = []
+    notify.settimeout(2)
+    try:
+        while True:
+            messages.append(datagram())
+    except TimeoutError:
+        pass
+    assert any(m.get("STOPPING") == "1" for m in messages), messages
+    assert code in (0, -signal.SIGTERM), "".join(gw.lines[-30:])
+    notify.close()
+
+
+def test_workers_stop_when_the_supervisor_is_killed_and_a_new_one_takes_over(tmp_path,
+                                                                             server_cert):
+    conf = tmp_path / "gw.toml"
+    conf.write_text(f"""
+[gateway]
+hostname = "gw.example.test"
+state_dir = "{tmp_path / 'state'}"
+[tls]
+certificate = "{server_cert.cert}"
+private_key = "{server_cert.key}"
+[[listeners]]
+endpoint = "tcp:0:interface=127.0.0.1"
+mode = "smtp"
+[[smarthosts]]
+host = "127.0.0.1"
+port = 9
+security = "none"
+[service]
+workers = 2
+stop_timeout = "2s"
+""")
+    first = Supervised(conf, tmp_path)
+    first.wait_for("all 2 workers ready")
+    sent = send_many(first.port, 6)
+    workers = [first.pids[0][0], first.pids[1][0]]
+    first.proc.kill()
+    first.proc.wait(10)
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in workers), "orphaned workers kept running"
+    # The orphans drained and released their queue slots: a new generation (here a single
+    # process) owns the whole spool again, with every message still queued.
+    conf.write_text(conf.read_text().replace("workers = 2", "workers = 1"))
+    second = subprocess.Popen([TWISTD, "-n", "--pidfile=", "itpison-gateway", "--config",
+                               str(conf)], cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "PYTHONPATH": SRC})
+    try:
+        from test_twistd import wait_for_line
+        lines = wait_for_line(second, "spool loaded")
+        assert f"spool loaded: {len(sent)} messages queued" in lines[-1]
+        assert not any("waiting up to" in line for line in lines)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.communicate(timeout=60)
