@@ -397,3 +397,53 @@ stop_timeout = "2s"
     finally:
         second.send_signal(signal.SIGTERM)
         second.communicate(timeout=60)
+
+
+def test_with_a_log_file_the_workers_log_through_the_supervisor(tmp_path, server_cert):
+    conf = tmp_path / "gw.toml"
+    conf.write_text(f"""
+[gateway]
+hostname = "gw.example.test"
+state_dir = "{tmp_path / 'state'}"
+[tls]
+certificate = "{server_cert.cert}"
+private_key = "{server_cert.key}"
+[[listeners]]
+endpoint = "tcp:0:interface=127.0.0.1"
+mode = "smtp"
+[[smarthosts]]
+host = "127.0.0.1"
+port = 9
+security = "none"
+[service]
+workers = 2
+""")
+    logfile = tmp_path / "gateway.log"
+    proc = subprocess.Popen([TWISTD, "-n", "--pidfile=", "--logfile", str(logfile),
+                             "itpison-gateway", "--config", str(conf)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": SRC})
+
+    def wait_in_log(needle: str) -> str:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            text = logfile.read_text() if logfile.exists() else ""
+            if needle in text:
+                return text
+            time.sleep(0.1)
+        raise AssertionError(f"{needle!r} not in the log:\n{text[-3000:]}")
+
+    try:
+        text = wait_in_log("all 2 workers ready")
+        port = int(PORT_RE.search(text).group(1))
+        send(port, 1)
+        text = wait_in_log("queued from=<app@corp.example>")
+        assert re.search(r"\[worker [01] gateway\.mail#info\] \S+ queued from=", text)
+        assert "[worker 0 gateway.service#info] worker 0 of 2" in text
+        assert "[worker 1 gateway.service#info] worker 1 of 2" in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert "worker" not in out  # nothing of theirs went around the log file
+    assert proc.returncode in (0, -signal.SIGTERM)
+    assert logfile.read_text().count("stopped (exit status 0)") == 2

@@ -35,7 +35,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
@@ -58,7 +58,7 @@ SYSTEMD_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", 
 RESTART_MIN, RESTART_MAX = 0.5, 30.0  # backoff between restarts of a worker that dies early
 STABLE_AFTER = 60.0  # a worker that ran this long starts again without backoff
 KILL_GRACE = 20.0  # after stop_timeout, before SIGKILL
-MAX_STATUS_LINE = 65536
+MAX_STATUS_LINE = 4 * 1024 * 1024  # a log event with a long traceback fits
 
 
 class WorkerProcess(ProcessProtocol):
@@ -80,13 +80,16 @@ class WorkerProcess(ProcessProtocol):
         self._buffer += data
         while b"\n" in self._buffer:
             line, self._buffer = self._buffer.split(b"\n", 1)
+            if line.startswith(b"L"):  # a log event (the worker's --log-to-supervisor)
+                self.supervisor.worker_logged(line[1:])
+                continue
             try:
                 state = json.loads(line)
             except ValueError:
                 continue
             if isinstance(state, dict):
                 self.supervisor.worker_said(self, state)
-        if len(self._buffer) > MAX_STATUS_LINE:
+        if len(self._buffer) > MAX_STATUS_LINE:  # not a line: drop it, keep the pipe
             self._buffer = b""
 
     def signal(self, name: str) -> None:
@@ -103,12 +106,14 @@ class Supervisor(service.MultiService):
     """Starts, watches and stops ``config.service.workers`` worker processes."""
 
     def __init__(self, config: Config, reactor: Any, notifier: Notifier | None = None,
-                 logger: str | None = None, python: str = sys.executable) -> None:
+                 logger: str | None = None, forward_logs: bool = False,
+                 python: str = sys.executable) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
         self.notifier = notifier or Notifier({})
-        self.logger = logger
+        self.logger = logger  # twistd --logger, passed on to the workers
+        self.forward_logs = forward_logs  # twistd logs to a file or syslog: workers log here
         self.python = python
         self.count = config.service.workers
         self.state_dir = config.gateway.state_dir
@@ -182,7 +187,9 @@ class Supervisor(service.MultiService):
             args += ["--listen", f"{name}={FIRST_LISTEN_FD + offset}"]
         if self.config.source is not None:
             args += ["--config", str(self.config.source)]
-        if self.logger:
+        if self.forward_logs:
+            args += ["--log-to-supervisor"]
+        elif self.logger:
             args += ["--logger", self.logger]
         if self.notifier.watchdog_interval is not None and self.notifier.enabled:
             args += ["--watchdog", str(self.notifier.watchdog_interval)]
@@ -217,6 +224,13 @@ class Supervisor(service.MultiService):
                 self.notifier.ready(self.status_text())
             elif self._announced and not self._reloading:
                 self.notifier.ready(self.status_text())
+
+    def worker_logged(self, text: bytes) -> None:
+        try:
+            event = eventFromJSON(text.decode("utf-8", "replace"))
+        except ValueError:
+            return
+        globalLogPublisher(event)
 
     def worker_ended(self, worker: WorkerProcess, reason: Failure) -> None:
         if self.workers.get(worker.index) is worker:

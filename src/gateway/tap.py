@@ -40,11 +40,24 @@ def makeService(options: Options):
     from gateway.service import GatewayService
     from gateway.supervisor import Supervisor
     if options.loaded.service.workers > 1:
-        # The workers log through the same observer as twistd (--logger).
-        twistd = getattr(options, "parent", None)
-        logger = twistd.get("logger") if twistd is not None else None
-        gateway: Any = Supervisor(options.loaded, reactor, Notifier(), logger=logger)
+        logger, forward = _worker_logging(getattr(options, "parent", None))
+        gateway: Any = Supervisor(options.loaded, reactor, Notifier(), logger=logger,
+                                  forward_logs=forward)
     else:
         gateway = GatewayService(options.loaded, reactor, Notifier())
     HangupService(gateway.reload, reactor).setServiceParent(gateway)
     return gateway
+
+
+def _worker_logging(twistd: Any) -> tuple[str | None, bool]:
+    """How the workers log, from twistd's own options: through the same ``--logger`` on
+    the shared stdout, in twistd's text format on stdout, or (``--logfile``, ``--syslog``,
+    or a daemon's default twistd.log) by sending their events to the supervisor, so that
+    one process writes and rotates the file."""
+    if twistd is None:
+        return None, False
+    if twistd.get("logger"):
+        return twistd["logger"], False
+    logfile = twistd.get("logfile")
+    to_stdout = logfile == "-" or (twistd.get("nodaemon") and not logfile)
+    return None, bool(twistd.get("syslog")) or not to_stdout

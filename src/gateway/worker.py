@@ -5,15 +5,17 @@ listening sockets it inherited, delivers the messages of its queue slots, and re
 its supervisor instead of systemd:
 
 - fd 3 (``--status-fd``): one JSON object a line, the same keys as sd_notify
-  (``{"READY": 1, "STATUS": "..."}``, ``{"WATCHDOG": 1}``, ``{"STOPPING": 1}``);
+  (``{"READY": 1, "STATUS": "..."}``, ``{"WATCHDOG": 1}``, ``{"STOPPING": 1}``), and,
+  with ``--log-to-supervisor``, log events (``L`` and the event as JSON);
 - fd 0: a pipe from the supervisor that is never written; end of file means the
   supervisor is gone, and the worker stops gracefully (as on SIGTERM) instead of
   delivering on without anyone to restart it;
 - SIGHUP reloads (the supervisor forwards its own), SIGTERM stops.
 
 Logs go to the inherited stdout, line-buffered so that the workers' lines do not mix,
-through the observer the supervisor was started with (``twistd --logger``), with
-``worker`` set on every event.
+through the observer the supervisor was started with (``twistd --logger``), or to the
+supervisor when it logs to a file (which it rotates) or to syslog; ``worker`` is set on
+every event.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ import json
 import os
 import signal
 import sys
+import threading
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
 from twisted.internet import fdesc
-from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
+from twisted.logger import Logger, eventAsJSON, globalLogBeginner, textFileLogObserver
 from twisted.python.reflect import namedAny
 
 from gateway.sdnotify import Notifier
@@ -36,22 +39,36 @@ from gateway.sdnotify import Notifier
 log = Logger(namespace="gateway.worker")
 
 
+class StatusPipe:
+    """Whole lines to the supervisor, from any thread (log events come from the spool and
+    auth threads too).  A line starting with ``{`` is a state, with ``L`` a log event."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._lock = threading.Lock()
+
+    def write(self, line: bytes) -> bool:
+        with self._lock:
+            view = memoryview(line)
+            try:
+                while view:
+                    view = view[os.write(self.fd, view):]
+            except OSError:
+                return False  # the supervisor is gone: fd 0 says so too
+        return True
+
+
 class PipeNotifier(Notifier):
     """sd_notify's states as JSON lines on the pipe to the supervisor."""
 
-    def __init__(self, fd: int, watchdog_interval: float | None) -> None:
+    def __init__(self, pipe: StatusPipe, watchdog_interval: float | None) -> None:
         super().__init__({})
-        self.fd = fd
-        self.address = f"fd:{fd}"  # enabled
+        self.pipe = pipe
+        self.address = f"fd:{pipe.fd}"  # enabled
         self.watchdog_interval = watchdog_interval
 
     def notify(self, **state: Any) -> bool:
-        line = json.dumps({k: v for k, v in state.items()}, separators=(",", ":")) + "\n"
-        try:
-            os.write(self.fd, line.encode())
-        except OSError:
-            return False  # the supervisor is gone: fd 0 says so too
-        return True
+        return self.pipe.write(json.dumps(state, separators=(",", ":")).encode() + b"\n")
 
     def close(self) -> None:
         pass  # the pipe lives as long as the process
@@ -95,11 +112,17 @@ class ParentWatch:
         return "supervisor-pipe"
 
 
-def _observer(logger: str | None, index: int) -> Any:
-    """The supervisor's observer (``twistd --logger``), or twistd's default text format,
-    with ``worker`` on every event (and in the text prefix)."""
-    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    inner = namedAny(logger)() if logger else textFileLogObserver(sys.stdout)
+def _observer(logger: str | None, index: int, pipe: StatusPipe | None) -> Any:
+    """Where this worker's log events go, with ``worker`` on every event (and in the text
+    prefix): the supervisor's observer (``twistd --logger``) on the shared stdout, or
+    twistd's text format there, or, when the supervisor logs to a file or syslog, the
+    supervisor itself (``pipe``), so that one process writes and rotates the log."""
+    if pipe is not None:
+        def inner(event: dict[str, Any]) -> None:
+            pipe.write(b"L" + eventAsJSON(event).encode() + b"\n")
+    else:
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+        inner = namedAny(logger)() if logger else textFileLogObserver(sys.stdout)
 
     def observe(event: dict[str, Any]) -> None:
         event["worker"] = index
@@ -125,6 +148,8 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--status-fd", type=int, default=3)
     p.add_argument("--watchdog", type=float, default=None, metavar="SECONDS")
     p.add_argument("--logger", default=None, help="a log observer factory (twistd --logger)")
+    p.add_argument("--log-to-supervisor", action="store_true",
+                   help="send log events to the supervisor (which logs to a file or syslog)")
     return p.parse_args(argv)
 
 
@@ -138,8 +163,10 @@ def _fds(pairs: list[str]) -> Mapping[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
-    globalLogBeginner.beginLoggingTo([_observer(args.logger, args.index)],
-                                     redirectStandardIO=False)
+    pipe = StatusPipe(args.status_fd)
+    globalLogBeginner.beginLoggingTo(
+        [_observer(args.logger, args.index, pipe if args.log_to_supervisor else None)],
+        redirectStandardIO=False)
     from twisted.internet import reactor
 
     from gateway.config import ConfigError, default_config, load_config
@@ -153,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         return 78  # EX_CONFIG
     if config.service.workers != args.count:  # the file changed since the supervisor read it
         config = replace(config, service=replace(config.service, workers=args.count))
-    notifier = PipeNotifier(args.status_fd, args.watchdog)
+    notifier = PipeNotifier(pipe, args.watchdog)
     gateway = GatewayService(config, reactor, notifier,
                              WorkerRole(args.index, args.count, dict(_fds(args.listen))))
     HangupService(gateway.reload, reactor).setServiceParent(gateway)
