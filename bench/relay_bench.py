@@ -163,10 +163,12 @@ def start_gateway(children: Children, tmp: Path, sink_port: int, extra: str, pre
     if src is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src.resolve()),
                                                           env.get("PYTHONPATH")]))
+    # The log on stdout, as under systemd (journald): with workers, each writes its own
+    # lines there (a --logfile would route them through the supervisor instead).
     proc = children.start(
-        [sys.executable, "-c", preamble + "\n" + TWISTD, "-n", "--pidfile=", "--logfile", str(logfile),
+        [sys.executable, "-c", preamble + "\n" + TWISTD, "-n", "--pidfile=",
          "itpison-gateway", "--config", str(config)],
-        cwd=tmp, env=env, stdout=open(tmp / "twistd.out", "wb"), stderr=subprocess.STDOUT)
+        cwd=tmp, env=env, stdout=open(logfile, "wb"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         text = logfile.read_text(errors="replace") if logfile.exists() else ""
@@ -176,8 +178,7 @@ def start_gateway(children: Children, tmp: Path, sink_port: int, extra: str, pre
         if proc.poll() is not None:
             break
         time.sleep(0.05)
-    out = (tmp / "twistd.out").read_text(errors="replace")
-    raise RuntimeError(f"the gateway did not start listening:\n{out[-3000:]}\n{text[-3000:]}")
+    raise RuntimeError(f"the gateway did not start listening:\n{text[-3000:]}")
 
 
 def describe_source(src: Path) -> str:
@@ -295,6 +296,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--label", default="", help="a label stored with the results")
     p.add_argument("--results-dir", type=Path, default=HERE / "results")
     p.add_argument("--extra-toml", default="", help="appended to the gateway configuration")
+    p.add_argument("--workers", type=int, default=None,
+                   help="[service] workers for the gateway (default: its default, 1)")
     p.add_argument("--src", type=Path,
                    help="run the gateway from this source directory (one holding gateway/), "
                         "e.g. an exported commit; default: the installed gateway")
@@ -318,7 +321,10 @@ def run(args: argparse.Namespace, children: Children, tmp: Path) -> dict:
     sink = Sink(children, run_id, args.sink_port)
     server: dict = {}
     if args.target == "gateway":
-        gateway, port, logfile = start_gateway(children, tmp, sink.port, args.extra_toml,
+        extra = args.extra_toml
+        if args.workers is not None:
+            extra = f"[service]\nworkers = {args.workers}\n{extra}"
+        gateway, port, logfile = start_gateway(children, tmp, sink.port, extra,
                                                  args.preamble, args.src)
         root = gateway.pid
     else:
@@ -357,7 +363,7 @@ def run(args: argparse.Namespace, children: Children, tmp: Path) -> dict:
     wall = max(time.monotonic() - load["first_connect"], 1e-9)
     if args.target == "gateway":
         hwm, note = status_kb(root, "VmHWM"), "VmHWM of the twistd process"
-        found = GATEWAY_FROM.search((tmp / "twistd.out").read_text(errors="replace"))
+        found = GATEWAY_FROM.search((tmp / "gateway.log").read_text(errors="replace"))
         server["gateway_package"] = found.group(1) if found else "?"
         server["gateway_source"] = describe_source(Path(server["gateway_package"]).parent.parent)
         server["spool_left"] = len(list((tmp / "state" / "spool" / "queue").iterdir()))

@@ -126,5 +126,33 @@ async def start_gateway(tmp_path: Path, test_ca: Any, server_cert: Any, smarthos
     config = parse_config(data, base_dir=tmp_path)
     service = GatewayService(config, reactor)
     service.startService()
-    ports = {lst.name: port.getHost().port for lst, port in zip(config.listeners, service.ports, strict=True)}
+    ports = {lst.name: getattr(port.getHost(), "port", None)  # None: a unix socket
+             for lst, port in zip(config.listeners, service.ports, strict=True)}
     return Gateway(service, ports, test_ca.ca_pem)
+
+
+def send_unix(path: Path, n: int) -> str:
+    """One message over a unix-socket listener (shared by the workers), by hand."""
+    mid = f"<u-{n}@corp.example>"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(30)
+        s.connect(str(path))
+        f = s.makefile("rb")
+
+        def expect(code: bytes) -> None:
+            while True:
+                line = f.readline()
+                assert line.startswith(code), line
+                if line[3:4] == b" ":
+                    return
+
+        expect(b"220")
+        for command, code in ((b"EHLO app.corp.example", b"250"),
+                              (b"MAIL FROM:<app@corp.example>", b"250"),
+                              (b"RCPT TO:<bob@example.net>", b"250"), (b"DATA", b"354")):
+            s.sendall(command + b"\r\n")
+            expect(code)
+        s.sendall(f"Message-ID: {mid}\r\n\r\nbody\r\n.\r\nQUIT\r\n".encode())
+        expect(b"250")
+        expect(b"221")
+    return mid

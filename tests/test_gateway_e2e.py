@@ -12,7 +12,7 @@ import pytest_twisted
 from twisted.internet import reactor, threads
 
 from fakesmarthost import FakeSmarthost
-from gatewayrig import smarthost_entry, start_gateway
+from gatewayrig import send_unix, smarthost_entry, start_gateway
 
 ALICE = ("alice-pw-1", ["alice@example.com"])
 
@@ -325,3 +325,22 @@ async def test_unwritable_spool_gives_452(gateway, tmp_path, smarthost):
     code, text = await threads.deferToThread(gateway.transaction, message())
     assert (code, text[:5]) == (452, b"4.3.1")
     assert list((tmp_path / "state" / "spool" / "queue").iterdir()) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_unix_socket_listener_serves_local_clients(tmp_path, test_ca, server_cert,
+                                                          smarthost, relay_password):
+    path = tmp_path / "smtp.sock"
+    gw = await start_gateway(
+        tmp_path, test_ca, server_cert,
+        [smarthost_entry(smarthost.port, test_ca.ca_pem, password_file=relay_password)],
+        listeners=[{"mode": "smtp", "endpoint": f"unix:{path}"}])
+    try:
+        mid = await threads.deferToThread(send_unix, path, 1)
+        [received] = await smarthost.wait_for_messages(1)
+        assert mid.encode() in received.data
+        # A local client: 127.0.0.1 for trusted networks (it relayed without AUTH) and logs.
+        assert b"from app.corp.example (127.0.0.1)" in received.data.replace(b"[", b"").replace(
+            b"]", b"")
+    finally:
+        await gw.stop()

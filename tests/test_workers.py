@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor, threads
 
 from fakesmarthost import FakeSmarthost
+from gatewayrig import send_unix
 
 SRC = str(Path(__file__).parent.parent / "src")
 TWISTD = str(Path(sys.executable).with_name("twistd"))
@@ -178,12 +179,15 @@ def alive(pid: int) -> bool:
 async def test_two_workers_both_serve_and_no_message_is_delivered_twice(tmp_path, test_ca):
     fs = FakeSmarthost(reactor, security="smtps", cert=test_ca.issue("w-sh", "localhost"))
     await fs.start()
-    gw = Supervised(write_config(tmp_path, fs.port, test_ca.ca_pem), tmp_path)
+    unix = f'[[listeners]]\nendpoint = "unix:{tmp_path / "smtp.sock"}"\nmode = "smtp"\n'
+    gw = Supervised(write_config(tmp_path, fs.port, test_ca.ca_pem, unix), tmp_path)
     try:
         await threads.deferToThread(gw.wait_for, "all 2 workers ready")
         assert len({pids[0] for pids in gw.pids.values()}) == 2
         sent = await threads.deferToThread(send_many, gw.port, 80)
-        await fs.wait_for_messages(80, timeout=60)
+        for n in range(4):  # and the listener all workers share (unix: no SO_REUSEPORT)
+            sent.append(await threads.deferToThread(send_unix, tmp_path / "smtp.sock", n))
+        await fs.wait_for_messages(84, timeout=60)
         await threads.deferToThread(time.sleep, 1.0)  # a duplicate would arrive meanwhile
         delivered = message_ids(fs)
         assert sorted(delivered) == sorted(sent)  # every one, and none twice
@@ -191,11 +195,11 @@ async def test_two_workers_both_serve_and_no_message_is_delivered_twice(tmp_path
         for index in (0, 1):
             assert gw.count(rf"\[worker {index} gateway\.mail#info\] \S+ queued") > 0
             assert gw.count(rf"\[worker {index} gateway\.mail#info\] \S+ delivered") > 0
-        assert gw.count(r"queued from=") == 80
+        assert gw.count(r"queued from=") == 84
         status, text = await threads.deferToThread(scrape, gw.metrics_port)
         assert status == 200
         accepted = samples(text, "itpison_gateway_messages_accepted_total")
-        assert set(accepted) == {"0", "1"} and sum(accepted.values()) == 80, accepted
+        assert set(accepted) == {"0", "1"} and sum(accepted.values()) == 84, accepted
         assert all(v > 0 for v in accepted.values())
         assert samples(text, "itpison_gateway_workers_running") == {"": 2.0}
         assert samples(text, "itpison_gateway_queue_messages")  # the census, once, unlabelled

@@ -338,6 +338,25 @@ def endpoint_address(text: str) -> tuple[str, ...] | None:
     return ("tcp6" if args[0] == "tcp6" else "tcp", params.get("interface", ""), params["port"])
 
 
+def tcp_listen_parameters(text: str) -> tuple[str, str, int, int] | None:
+    """``(kind, interface, port, backlog)`` of a valid tcp/tcp6 endpoint whose interface
+    is an IP address (or empty); None for any other endpoint."""
+    args, kwargs = _split_endpoint(text)
+    if args[0] not in ("tcp", "tcp6"):
+        return None
+    params = dict(zip(ENDPOINT_PARAMETERS[args[0]], args[1:], strict=False)) | kwargs
+    interface = params.get("interface", "")
+    if interface:
+        try:
+            ipaddress.ip_address(interface)
+        except ValueError:
+            return None
+    try:
+        return args[0], interface, int(params["port"]), int(params.get("backlog") or 50)
+    except (KeyError, ValueError):
+        return None
+
+
 def _split_endpoint(text: str) -> tuple[list[str], dict[str, str]]:
     """Twisted's strports grammar: ':' separates, the first '=' names, '\\' escapes."""
     args: list[str] = []

@@ -33,6 +33,17 @@ def client_address(host: str) -> str:
     return str(ip)
 
 
+LOCAL_PEER = "127.0.0.1"  # a client on a unix-socket listener: on this machine
+
+
+def peer_address(address: Any) -> str:
+    """The client IP of a transport's peer (``getPeer()``).  A unix-socket peer has none:
+    it is on this machine, so it counts as 127.0.0.1 for trusted networks, limits and
+    logs (Postfix treats local submission the same way)."""
+    host = getattr(address, "host", None)
+    return LOCAL_PEER if host is None else client_address(host)
+
+
 def is_trusted(ip: str, networks: Iterable[IPNetwork]) -> bool:
     try:
         addr = ipaddress.ip_address(ip)

@@ -56,7 +56,7 @@ class ProxyProtocolWrapper(policies.ProtocolWrapper):
         self.transport = transport
         self.connected = 1
         self.factory.registerProtocol(self)
-        peer = policy.client_address(transport.getPeer().host)
+        peer = policy.peer_address(transport.getPeer())
         if not policy.is_trusted(peer, self.factory.trusted):
             log.warn("refused connection from {peer} on {listener}: not a configured PROXY"
                      " protocol source", peer=peer, listener=self.factory.listener,
@@ -71,7 +71,7 @@ class ProxyProtocolWrapper(policies.ProtocolWrapper):
         self._fail("no complete PROXY header within %gs" % HEADER_TIMEOUT)
 
     def _fail(self, why: str) -> None:
-        peer = self.transport.getPeer().host
+        peer = policy.peer_address(self.transport.getPeer())
         log.warn("PROXY protocol from {peer} on {listener}: {why}", peer=peer,
                  listener=self.factory.listener, why=why, event="proxy_invalid")
         self.factory.refused += 1

@@ -350,4 +350,20 @@ def _adopt(reactor: Any, fd: int, factory: Any) -> IListeningPort:
         probe.detach()
     port = reactor.adoptStreamPort(fd, family, factory)
     os.close(fd)
+    _one_accept_per_wakeup(port)
     return port
+
+
+def _one_accept_per_wakeup(port: Any) -> None:
+    """Every worker is woken for a new connection; the first to call accept() gets it.
+    Twisted accepts up to ``numberAccepts`` (growing by 20) per wake-up, so one worker
+    would take a whole burst of connections while the others get nothing.  Accepting one
+    at a time leaves the next connection to whichever worker is idle first: a busy worker
+    comes back to its listening socket later, so the load spreads by itself."""
+    accept = port.doRead
+
+    def doRead() -> Any:
+        port.numberAccepts = 1
+        return accept()
+
+    port.doRead = doRead

@@ -105,7 +105,7 @@ class GatewaySMTP(SessionAuth, smtp.ESMTP):
         self.recipients: list[Address] = []
 
     def connectionMade(self) -> None:
-        self.client_ip = policy.client_address(self.transport.getPeer().host)
+        self.client_ip = policy.peer_address(self.transport.getPeer())
         self.trusted = policy.is_trusted(self.client_ip, self.settings.trusted_networks)
         self.canStartTLS = (self.settings.mode != "smtps" and self.ctx is not None
                             and ITLSTransport.providedBy(self.transport))

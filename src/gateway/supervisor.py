@@ -3,9 +3,10 @@ sockets and the spool.
 
 The supervisor (what ``twistd -n itpison-gateway`` runs when N > 1) does no SMTP itself:
 
-- it opens every listener (or adopts systemd's sockets) and stops reading from them;
-  each worker inherits them and accepts on them (``adoptStreamPort``), so the kernel
-  hands each new connection to one worker;
+- it opens every listener and passes the listening sockets to the workers, which accept
+  on them (``adoptStreamPort``): for TCP one socket per worker on the same address
+  (SO_REUSEPORT: the kernel spreads connections evenly), for unix and systemd's sockets
+  one socket shared by all;
 - it starts the workers (``python -m gateway.worker``, gateway.worker) and restarts one
   that dies, with a backoff; the new one locks the same queue slots
   (gateway.ownership) as soon as the kernel has dropped the dead one's locks, and
@@ -25,14 +26,16 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 from dataclasses import replace
 from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import ProcessDone, ProcessExitedAlready
+from twisted.internet.error import CannotListenError, ProcessDone, ProcessExitedAlready
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
@@ -40,6 +43,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from gateway.config import Config, ConfigError, describe
+from gateway.config_values import tcp_listen_parameters
 from gateway.control import ControlService
 from gateway.fanout import FanoutControl
 from gateway.reload import load_again
@@ -123,7 +127,10 @@ class Supervisor(service.MultiService):
         self.workers: dict[int, WorkerProcess | None] = dict.fromkeys(range(self.count))
         self.pool = ThreadPool(minthreads=1, maxthreads=2, name="supervisor")
         self.node_metrics = NodeMetrics(self)
-        self._ports: list[tuple[str, Any]] = []  # (listener name, listening port)
+        # Per listener, the listening socket of each worker (a file descriptor), and what
+        # to close at stop (Twisted ports, or sockets).
+        self._fds: list[tuple[str, list[int]]] = []
+        self._listening: list[Any] = []
         self._delay = dict.fromkeys(range(self.count), 0.0)
         self._respawns: dict[int, Any] = {}
         self._announced = False
@@ -148,7 +155,7 @@ class Supervisor(service.MultiService):
             certificate_for(listener, self.config)  # a self-signed pair made once, here
         self.pool.start()
         for listener in self.config.listeners:
-            self._ports.append((listener.name, self._open(listener.name, listener.endpoint)))
+            self._fds.append((listener.name, self._open(listener.name, listener.endpoint)))
         super().startService()
         if self.web is not None:
             self.web.startService()
@@ -160,9 +167,18 @@ class Supervisor(service.MultiService):
             self._watchdog.clock = self.reactor
             self._watchdog.start(interval / 2, now=False)
 
-    def _open(self, name: str, endpoint: str) -> Any:
-        """Listen (synchronously, as the endpoints from serverFromString do), and leave the
-        accepting to the workers."""
+    def _open(self, name: str, endpoint: str) -> list[int]:
+        """The listening socket of each worker for one listener.
+
+        TCP: one socket per worker, all bound to the same address with SO_REUSEPORT, so
+        the kernel spreads new connections evenly over the workers (by a hash of the
+        client's address and port).  A worker that is restarting leaves its socket to the
+        supervisor, whose copy keeps its queue of connections until the new worker accepts.
+        Other endpoints (unix, systemd's sockets): one socket that every worker accepts
+        on, each taking one connection per wake-up (gateway.service._adopt)."""
+        tcp = tcp_listen_parameters(endpoint)
+        if tcp is not None:
+            return self._reuseport(name, *tcp)
         result: list[Any] = []
         serverFromString(self.reactor, endpoint).listen(Factory()).addBoth(result.append)
         if not result:
@@ -171,9 +187,32 @@ class Supervisor(service.MultiService):
             result[0].raiseException()
         port = result[0]
         port.stopReading()
+        self._listening.append(port)
         log.info("listening on {address} ({name}) for {n} workers", address=port.getHost(),
                  name=name, n=self.count)
-        return port
+        return [port.fileno()] * self.count
+
+    def _reuseport(self, name: str, kind: str, interface: str, port: int,
+                   backlog: int) -> list[int]:
+        family = (socket.AF_INET6 if kind == "tcp6" or ":" in interface else socket.AF_INET)
+        host = interface or ("::" if family == socket.AF_INET6 else "0.0.0.0")
+        fds = []
+        for _ in range(self.count):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            self._listening.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                sock.bind((host, port))
+            except OSError as e:
+                raise CannotListenError(host, port, e) from None
+            port = sock.getsockname()[1]  # port 0: the others join the one the first got
+            sock.listen(backlog)
+            fds.append(sock.fileno())
+        address = (IPv6Address if family == socket.AF_INET6 else IPv4Address)("TCP", host, port)
+        log.info("listening on {address} ({name}) for {n} workers", address=address,
+                 name=name, n=self.count)
+        return fds
 
     def _spawn(self, index: int) -> None:
         self._respawns.pop(index, None)
@@ -182,8 +221,8 @@ class Supervisor(service.MultiService):
         args = [self.python, "-m", "gateway.worker", "--index", str(index),
                 "--count", str(self.count), "--status-fd", str(STATUS_FD)]
         child_fds: dict[int, Any] = {0: "w", 1: 1, 2: 2, STATUS_FD: "r"}
-        for offset, (name, port) in enumerate(self._ports):
-            child_fds[FIRST_LISTEN_FD + offset] = port.fileno()
+        for offset, (name, fds) in enumerate(self._fds):
+            child_fds[FIRST_LISTEN_FD + offset] = fds[index]
             args += ["--listen", f"{name}={FIRST_LISTEN_FD + offset}"]
         if self.config.source is not None:
             args += ["--config", str(self.config.source)]
@@ -208,7 +247,7 @@ class Supervisor(service.MultiService):
     def status_text(self) -> str:
         ready = sum(1 for w in self.workers.values() if w is not None and w.ready)
         return (f"{ready} of {self.count} workers ready; "
-                f"accepting on {len(self._ports)} listeners")
+                f"accepting on {len(self._fds)} listeners")
 
     def worker_said(self, worker: WorkerProcess, state: dict[str, Any]) -> None:
         if self.workers.get(worker.index) is not worker:
@@ -321,8 +360,12 @@ class Supervisor(service.MultiService):
         return d.addBoth(rest).addBoth(close)
 
     async def _stop(self) -> None:
-        closing = [defer.maybeDeferred(port.stopListening) for _, port in self._ports]
-        self._ports = []
+        listening, self._listening = self._listening, []
+        closing = [defer.maybeDeferred(item.stopListening) for item in listening
+                   if not isinstance(item, socket.socket)]
+        for item in listening:
+            if isinstance(item, socket.socket):
+                item.close()  # the supervisor's copy; the workers close theirs
         if self.web is not None:
             closing.append(defer.maybeDeferred(self.web.stopService))
         await defer.gatherResults(closing, consumeErrors=True).addErrback(lambda f: None)
