@@ -451,3 +451,46 @@ workers = 2
     assert "worker" not in out  # nothing of theirs went around the log file
     assert proc.returncode in (0, -signal.SIGTERM)
     assert logfile.read_text().count("stopped (exit status 0)") == 2
+
+
+def test_sigterm_lets_a_transaction_in_progress_finish_in_its_worker(tmp_path, server_cert):
+    conf = tmp_path / "gw.toml"
+    conf.write_text(f"""
+[gateway]
+hostname = "gw.example.test"
+state_dir = "{tmp_path / 'state'}"
+[tls]
+certificate = "{server_cert.cert}"
+private_key = "{server_cert.key}"
+[[listeners]]
+endpoint = "tcp:0:interface=127.0.0.1"
+mode = "smtp"
+[[smarthosts]]
+host = "127.0.0.1"
+port = 9
+security = "none"
+[service]
+workers = 2
+stop_timeout = "20s"
+""")
+    gw = Supervised(conf, tmp_path)
+    gw.wait_for("all 2 workers ready")
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=30) as s:
+        f = s.makefile("rb")
+        assert f.readline().startswith(b"220")
+        for command in (b"EHLO app.corp.example", b"MAIL FROM:<app@corp.example>",
+                        b"RCPT TO:<bob@example.net>", b"DATA"):
+            s.sendall(command + b"\r\n")
+            while (line := f.readline())[3:4] == b"-":
+                pass
+        assert line.startswith(b"354")
+        s.sendall(b"Subject: half\r\n\r\nfirst half\r\n")
+        gw.proc.send_signal(signal.SIGTERM)
+        gw.wait_for("stopping: waiting up to 20.0s for 1 sessions")
+        s.sendall(b"second half\r\n.\r\n")
+        reply = f.readline()
+        assert reply.startswith(b"250 2.0.0"), reply
+        s.sendall(b"NOOP\r\n")
+        assert f.readline().startswith(b"421 4.3.2")
+    assert gw.proc.wait(60) in (0, -signal.SIGTERM)
+    assert len(os.listdir(tmp_path / "state" / "spool" / "queue")) == 1

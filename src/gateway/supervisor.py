@@ -42,6 +42,7 @@ from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from gateway.certs import CertificateSource
 from gateway.config import Config, ConfigError, describe
 from gateway.config_values import tcp_listen_parameters
 from gateway.control import ControlService
@@ -152,7 +153,10 @@ class Supervisor(service.MultiService):
         Spool(self.spool_root, self.reactor, self.pool).open()
         (self.state_dir / WORKER_SOCKETS).mkdir(mode=0o700, exist_ok=True)
         for listener in self.config.listeners:
-            certificate_for(listener, self.config)  # a self-signed pair made once, here
+            # A self-signed pair is made once, here; a configured pair that does not load
+            # stops the start now, not in a loop of worker restarts.
+            cert, key = certificate_for(listener, self.config)
+            CertificateSource(cert, key, listener.tls_min_version).build()
         self.pool.start()
         for listener in self.config.listeners:
             self._fds.append((listener.name, self._open(listener.name, listener.endpoint)))
