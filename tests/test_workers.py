@@ -122,6 +122,30 @@ endpoint = "tcp:0:interface=127.0.0.1"
     return config
 
 
+def plain_config(tmp_path: Path, server_cert, service: str = "") -> Path:
+    """Two workers, one smtp listener, a smarthost that is never reached (port 9)."""
+    conf = tmp_path / "gw.toml"
+    conf.write_text(f"""
+[gateway]
+hostname = "gw.example.test"
+state_dir = "{tmp_path / 'state'}"
+[tls]
+certificate = "{server_cert.cert}"
+private_key = "{server_cert.key}"
+[[listeners]]
+endpoint = "tcp:0:interface=127.0.0.1"
+mode = "smtp"
+[[smarthosts]]
+host = "127.0.0.1"
+port = 9
+security = "none"
+[service]
+workers = 2
+{service}
+""")
+    return conf
+
+
 def send(port: int, n: int) -> str:
     mid = f"<w-{n}@corp.example>"
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
@@ -286,24 +310,7 @@ async def test_queue_commands_reach_the_worker_that_owns_each_message(tmp_path, 
 
 
 def test_sd_notify_reload_and_stop_with_workers(tmp_path, server_cert):
-    conf = tmp_path / "gw.toml"
-    conf.write_text(f"""
-[gateway]
-hostname = "gw.example.test"
-state_dir = "{tmp_path / 'state'}"
-[tls]
-certificate = "{server_cert.cert}"
-private_key = "{server_cert.key}"
-[[listeners]]
-endpoint = "tcp:0:interface=127.0.0.1"
-mode = "smtp"
-[[smarthosts]]
-host = "127.0.0.1"
-port = 9
-security = "none"
-[service]
-workers = 2
-""")
+    conf = plain_config(tmp_path, server_cert)
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "notify.sock"))
     notify.settimeout(30)
@@ -357,25 +364,7 @@ workers = 2
 
 def test_workers_stop_when_the_supervisor_is_killed_and_a_new_one_takes_over(tmp_path,
                                                                              server_cert):
-    conf = tmp_path / "gw.toml"
-    conf.write_text(f"""
-[gateway]
-hostname = "gw.example.test"
-state_dir = "{tmp_path / 'state'}"
-[tls]
-certificate = "{server_cert.cert}"
-private_key = "{server_cert.key}"
-[[listeners]]
-endpoint = "tcp:0:interface=127.0.0.1"
-mode = "smtp"
-[[smarthosts]]
-host = "127.0.0.1"
-port = 9
-security = "none"
-[service]
-workers = 2
-stop_timeout = "2s"
-""")
+    conf = plain_config(tmp_path, server_cert, 'stop_timeout = "2s"')
     first = Supervised(conf, tmp_path)
     first.wait_for("all 2 workers ready")
     sent = send_many(first.port, 6)
@@ -404,24 +393,7 @@ stop_timeout = "2s"
 
 
 def test_with_a_log_file_the_workers_log_through_the_supervisor(tmp_path, server_cert):
-    conf = tmp_path / "gw.toml"
-    conf.write_text(f"""
-[gateway]
-hostname = "gw.example.test"
-state_dir = "{tmp_path / 'state'}"
-[tls]
-certificate = "{server_cert.cert}"
-private_key = "{server_cert.key}"
-[[listeners]]
-endpoint = "tcp:0:interface=127.0.0.1"
-mode = "smtp"
-[[smarthosts]]
-host = "127.0.0.1"
-port = 9
-security = "none"
-[service]
-workers = 2
-""")
+    conf = plain_config(tmp_path, server_cert)
     logfile = tmp_path / "gateway.log"
     proc = subprocess.Popen([TWISTD, "-n", "--pidfile=", "--logfile", str(logfile),
                              "itpison-gateway", "--config", str(conf)], cwd=tmp_path,
@@ -454,25 +426,7 @@ workers = 2
 
 
 def test_sigterm_lets_a_transaction_in_progress_finish_in_its_worker(tmp_path, server_cert):
-    conf = tmp_path / "gw.toml"
-    conf.write_text(f"""
-[gateway]
-hostname = "gw.example.test"
-state_dir = "{tmp_path / 'state'}"
-[tls]
-certificate = "{server_cert.cert}"
-private_key = "{server_cert.key}"
-[[listeners]]
-endpoint = "tcp:0:interface=127.0.0.1"
-mode = "smtp"
-[[smarthosts]]
-host = "127.0.0.1"
-port = 9
-security = "none"
-[service]
-workers = 2
-stop_timeout = "20s"
-""")
+    conf = plain_config(tmp_path, server_cert, 'stop_timeout = "20s"')
     gw = Supervised(conf, tmp_path)
     gw.wait_for("all 2 workers ready")
     with socket.create_connection(("127.0.0.1", gw.port), timeout=30) as s:

@@ -166,6 +166,18 @@ def queue_census(spool_root: Path, now: float | None = None
     return out
 
 
+def census_families(spool_root: Path) -> list[GaugeMetricFamily]:
+    """``queue_messages`` and ``queue_oldest_age_seconds`` by state, read from the spool."""
+    size = GaugeMetricFamily(f"{PREFIX}_queue_messages", "Messages in the spool by state",
+                             labels=["state"])
+    age = GaugeMetricFamily(f"{PREFIX}_queue_oldest_age_seconds", "Age of the oldest"
+                            " message by state", labels=["state"])
+    for state, (count, oldest) in queue_census(spool_root).items():
+        size.add_metric([state], count)
+        age.add_metric([state], oldest)
+    return [size, age]
+
+
 class GatewayCollector(Collector):
     """Gauges of a running ``GatewayService``.  ``snapshot()`` copies the live state on the
     reactor thread (it changes there); ``collect()`` adds the spool census and may run in
@@ -214,16 +226,7 @@ class GatewayCollector(Collector):
         self._live = live
 
     def collect(self) -> Iterator[Any]:
-        census = queue_census(self.gateway.spool.root)
-        size = GaugeMetricFamily(f"{PREFIX}_queue_messages", "Messages in the spool by state",
-                                 labels=["state"])
-        age = GaugeMetricFamily(f"{PREFIX}_queue_oldest_age_seconds", "Age of the oldest"
-                                " message by state", labels=["state"])
-        for state, (count, oldest) in census.items():
-            size.add_metric([state], count)
-            age.add_metric([state], oldest)
-        yield size
-        yield age
+        yield from census_families(self.gateway.spool.root)
         yield from self._live
 
 

@@ -23,11 +23,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from twisted.internet import defer, threads
-from twisted.web import resource, server
+from twisted.web import server
 
+from gateway import webops
 from gateway.fanout import ask_all
-from gateway.metrics import PREFIX, queue_census
-from gateway.webops import CONTENT_TYPE, Answer, Page, health
+from gateway.metrics import PREFIX, census_families
+from gateway.webops import CONTENT_TYPE, Answer, health
 
 NODE_WIDE = {f"{PREFIX}_queue_messages", f"{PREFIX}_queue_oldest_age_seconds"}
 SCRAPE_TIMEOUT = 5.0
@@ -71,16 +72,7 @@ class NodeCollector(Collector):
         self._families = own + merge(texts)
 
     def collect(self) -> Iterator[Metric]:
-        census = queue_census(self.supervisor.spool_root)
-        size = GaugeMetricFamily(f"{PREFIX}_queue_messages", "Messages in the spool by state",
-                                 labels=["state"])
-        age = GaugeMetricFamily(f"{PREFIX}_queue_oldest_age_seconds", "Age of the oldest"
-                                " message by state", labels=["state"])
-        for state, (count, oldest) in census.items():
-            size.add_metric([state], count)
-            age.add_metric([state], oldest)
-        yield size
-        yield age
+        yield from census_families(self.supervisor.spool_root)
         yield from self._families
 
 
@@ -124,11 +116,4 @@ def ready(sup: Any) -> defer.Deferred[Answer]:
 
 
 def site(supervisor: Any) -> server.Site:
-    root = resource.Resource()
-    root.putChild(b"metrics", Page(supervisor, metrics))
-    root.putChild(b"healthz", Page(supervisor, health))
-    root.putChild(b"readyz", Page(supervisor, ready))
-    web = server.Site(root)
-    web.displayTracebacks = False
-    web.noisy = False
-    return web
+    return webops.site(supervisor, {"metrics": metrics, "healthz": health, "readyz": ready})

@@ -129,11 +129,13 @@ def worker_commands(gw: Any) -> dict[str, Callable[[dict[str, Any]], Any]]:
     return {"in_flight": in_flight, "metrics": metrics_text, "ready": readiness}
 
 
-def site(gateway: Any) -> server.Site:
+def site(gateway: Any, pages: dict[str, Callable[[Any], Deferred[Answer]]] | None = None
+         ) -> server.Site:
+    """The operations site: ``pages`` (path -> answer), by default a gateway's own."""
     root = resource.Resource()
-    root.putChild(b"metrics", Page(gateway, metrics))
-    root.putChild(b"healthz", Page(gateway, health))
-    root.putChild(b"readyz", Page(gateway, ready))
+    for path, respond in (pages or {"metrics": metrics, "healthz": health,
+                                    "readyz": ready}).items():
+        root.putChild(path.encode(), Page(gateway, respond))
     web = server.Site(root)
     web.displayTracebacks = False
     web.noisy = False
