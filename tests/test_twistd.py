@@ -76,6 +76,34 @@ def test_bad_config_exits_non_zero_before_listening(tmp_path, toml, expected):
     assert "listening on" not in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_port_in_use_stops_the_start_with_an_error(tmp_path, workers):
+    """Not a process left hanging on its thread pools: systemd sees the failure at once."""
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = tmp_path / "gw.toml"
+        config.write_text(f"""
+[gateway]
+state_dir = "{tmp_path / 'state'}"
+[[listeners]]
+endpoint = "tcp:{taken.getsockname()[1]}:interface=127.0.0.1"
+mode = "smtp"
+[[smarthosts]]
+host = "127.0.0.1"
+port = 9
+security = "none"
+[service]
+workers = {workers}
+""")
+        result = subprocess.run([TWISTD, "-n", "--pidfile=", "itpison-gateway", "--config",
+                                 str(config)], cwd=tmp_path, capture_output=True, text=True,
+                                timeout=60)
+    assert result.returncode != 0
+    assert "Address already in use" in result.stdout + result.stderr
+
+
 def test_console_script_check_config(tmp_path):
     script = Path(sys.executable).with_name("itpison-gateway")
     config = tmp_path / "ok.toml"

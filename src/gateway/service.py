@@ -253,6 +253,14 @@ class GatewayService(service.MultiService):
         self.spool.open()
         # Before the scan, and before a 250 can name a queue id: the slots are ours alone.
         self.ownership.acquire(timeout=self.config.service.stop_timeout + 15.0)
+        try:
+            self._start()
+        except BaseException:
+            self._abandon_start()
+            raise
+        self.notifier.ready(self.status_text())
+
+    def _start(self) -> None:
         self.spool_pool.start()
         self.auth_pool.start()
         factories = self.build_factories()
@@ -263,7 +271,25 @@ class GatewayService(service.MultiService):
             self._listen(listener, factory)
         if self.web is not None:
             self.web.startService()
-        self.notifier.ready(self.status_text())
+
+    def _abandon_start(self) -> None:
+        """A start that failed (a port in use, a control socket another gateway holds)
+        undoes what it did, so that twistd exits with the error instead of hanging on
+        the thread pools' threads."""
+        for port in self.ports:
+            port.stopListening()
+        self.ports = []
+        if self.running:
+            for child in reversed(list(self)):
+                if child.running:
+                    child.stopService()
+            self.running = False
+        for pool in (self.spool_pool, self.auth_pool):
+            if pool.started:
+                pool.stop()
+        if self.metrics_on:
+            globalLogPublisher.removeObserver(self.metrics.observer)
+        self.ownership.release()
 
     def _listen(self, listener: ListenerSection, factory: Any) -> None:
         if self.worker is not None:

@@ -158,11 +158,23 @@ class Supervisor(service.MultiService):
             cert, key = certificate_for(listener, self.config)
             CertificateSource(cert, key, listener.tls_min_version).build()
         self.pool.start()
-        for listener in self.config.listeners:
-            self._fds.append((listener.name, self._open(listener.name, listener.endpoint)))
-        super().startService()
-        if self.web is not None:
-            self.web.startService()
+        try:
+            for listener in self.config.listeners:
+                self._fds.append((listener.name, self._open(listener.name, listener.endpoint)))
+            super().startService()
+            if self.web is not None:
+                self.web.startService()
+        except BaseException:  # twistd exits with the error, not hanging on the pool
+            for item in self._listening:
+                if isinstance(item, socket.socket):
+                    item.close()
+                else:
+                    item.stopListening()
+            self._listening = []
+            if self.running:
+                super().stopService()
+            self.pool.stop()
+            raise
         for index in range(self.count):
             self._spawn(index)
         interval = self.notifier.watchdog_interval
