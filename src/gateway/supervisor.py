@@ -75,16 +75,14 @@ class WorkerProcess(ProcessProtocol):
         self.started = started
         self.ready = False
         self.last_ping = started
+        self.pid: int | None = None  # set once spawned (the transport forgets it at exit)
         self._buffer = b""
-
-    pid: int | None = None  # set once spawned (the transport forgets it at exit)
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
         if fd != STATUS_FD:
             return
-        self._buffer += data
-        while b"\n" in self._buffer:
-            line, self._buffer = self._buffer.split(b"\n", 1)
+        *lines, self._buffer = (self._buffer + data).split(b"\n")
+        for line in lines:
             if line.startswith(b"L"):  # a log event (the worker's --log-to-supervisor)
                 self.supervisor.worker_logged(line[1:])
                 continue
