@@ -245,6 +245,7 @@ async def test_a_killed_worker_is_restarted_and_its_queued_mail_delivered_once(t
     try:
         await threads.deferToThread(gw.wait_for, "all 2 workers ready")
         sent = await threads.deferToThread(send_many, gw.port, 30)
+        await threads.deferToThread(gw.wait_for, "queued from=", 30)  # the log read so far
         queued = {i: gw.count(rf"\[worker {i} gateway\.mail#info\] \S+ queued") for i in (0, 1)}
         assert all(queued.values()), queued
         victim = gw.pids[1][0]
