@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:
             log.failure("worker {index} could not start", index=args.index)
             failed.append(e)
-            reactor.stop()
+            stop_once()
             return
         reactor.addSystemEventTrigger("before", "shutdown", gateway.stopService)
 
