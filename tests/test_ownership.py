@@ -19,6 +19,7 @@ from twisted.python.threadpool import ThreadPool
 from gateway import config_ops
 from gateway.config import ConfigError, default_config, parse_config, worker_share
 from gateway.envelope import Envelope, new_queue_id
+from gateway.metrics import GatewayCollector
 from gateway.ownership import SLOTS, QueueOwnership, SlotsBusy, owner_of, slot_of, slots_for
 from gateway.spool import Spool
 from gateway.supervisor_web import merge
@@ -184,15 +185,11 @@ def test_the_supervisor_merges_worker_metrics_with_a_worker_label() -> None:
     text = """# HELP itpison_gateway_messages_accepted_total Messages accepted
 # TYPE itpison_gateway_messages_accepted_total counter
 itpison_gateway_messages_accepted_total {n}
-# HELP itpison_gateway_queue_messages Messages in the spool by state
-# TYPE itpison_gateway_queue_messages gauge
-itpison_gateway_queue_messages{{state="queue"}} 7.0
 # HELP itpison_gateway_delivery_attempts_total Attempts
 # TYPE itpison_gateway_delivery_attempts_total counter
 itpison_gateway_delivery_attempts_total{{smarthost="a:465",outcome="ok"}} {n}
 """
     families = {f.name: f for f in merge({0: text.format(n=3), 1: text.format(n=5)})}
-    assert "itpison_gateway_queue_messages" not in families  # counted once by the supervisor
     accepted = families["itpison_gateway_messages_accepted"]
     assert {(s.labels["worker"], s.value) for s in accepted.samples
             if s.name.endswith("_total")} == {("0", 3.0), ("1", 5.0)}
@@ -200,3 +197,15 @@ itpison_gateway_delivery_attempts_total{{smarthost="a:465",outcome="ok"}} {n}
     assert {tuple(sorted(s.labels.items())) for s in attempts} == {
         (("outcome", "ok"), ("smarthost", "a:465"), ("worker", "0")),
         (("outcome", "ok"), ("smarthost", "a:465"), ("worker", "1"))}
+
+
+def test_a_worker_leaves_the_spool_census_to_its_supervisor(tmp_path: Path) -> None:
+    class Gateway:
+        class spool:
+            root = tmp_path
+
+    (tmp_path / "queue").mkdir()
+    (tmp_path / "queue" / "Q1").write_bytes(b"x")
+    names = [f.name for f in GatewayCollector(Gateway, census=True).collect()]
+    assert names == ["itpison_gateway_queue_messages", "itpison_gateway_queue_oldest_age_seconds"]
+    assert list(GatewayCollector(Gateway, census=False).collect()) == []

@@ -6,12 +6,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import pytest_twisted
+from twisted.internet import reactor
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 
 from gateway.config import load_config
+from gateway.control import ControlError
+from gateway.fanout import FanoutControl
+from gateway.ownership import QueueOwnership, owner_of
 from gateway.supervisor import RESTART_MAX, Supervisor, WorkerProcess
+from gateway.supervisor_web import ready
 
 
 class Notes:
@@ -178,3 +185,36 @@ def test_the_watchdog_kills_a_silent_worker_and_pings_for_the_node(rig) -> None:
     die(sup, 1)
     sup.worker_said(w1, {"READY": 1})
     assert sup.workers[1] is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_queue_commands_and_readiness_say_which_worker_does_not_answer(tmp_path) -> None:
+    """No worker control socket answers (both workers down): changes report the worker
+    per message, a flush of everything fails naming it, reads still work, and /readyz
+    is 503 with one line per worker."""
+    state = tmp_path / "state"
+    (state / "workers").mkdir(parents=True)
+    pool = ThreadPool(1, 2, "test-fanout")
+    pool.start()
+    try:
+        fanout = FanoutControl(state, 2, reactor, pool)
+        ids = [QueueOwnership(tmp_path, i, 2).new_id() for i in (0, 1)]  # one per worker
+        assert [owner_of(q, 2) for q in ids] == [0, 1]
+        result = await fanout.run({"command": "hold", "ids": ids})
+        for index, qid in enumerate(ids):
+            assert result[qid].startswith(f"failed: worker {index} is not answering")
+        with pytest.raises(ControlError, match="^worker 0: "):
+            await fanout.run({"command": "flush"})
+        assert await fanout.run({"command": "list"}) == []
+
+        class Node:
+            pass
+
+        node = Node()
+        node.reactor, node.state_dir, node.count, node.stopping = reactor, state, 2, False
+        code, _, body = await ready(node)
+        assert code == 503
+        assert body.decode().splitlines() == ["worker 0: not running or not answering",
+                                              "worker 1: not running or not answering"]
+    finally:
+        pool.stop()

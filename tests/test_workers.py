@@ -226,7 +226,8 @@ async def test_two_workers_both_serve_and_no_message_is_delivered_twice(tmp_path
         assert set(accepted) == {"0", "1"} and sum(accepted.values()) == 84, accepted
         assert all(v > 0 for v in accepted.values())
         assert samples(text, "itpison_gateway_workers_running") == {"": 2.0}
-        assert samples(text, "itpison_gateway_queue_messages")  # the census, once, unlabelled
+        # The census, counted once by the supervisor: no worker label on it.
+        assert set(samples(text, "itpison_gateway_queue_messages")) == {""}
         assert (await threads.deferToThread(scrape, gw.metrics_port, "/readyz"))[0] == 200
         assert not os.listdir(tmp_path / "state" / "spool" / "queue")
     finally:

@@ -183,8 +183,10 @@ class GatewayCollector(Collector):
     reactor thread (it changes there); ``collect()`` adds the spool census and may run in
     a thread."""
 
-    def __init__(self, gateway: Any) -> None:
+    def __init__(self, gateway: Any, census: bool = True) -> None:
         self.gateway = gateway
+        # The spool census: off in a worker, whose supervisor counts the shared spool once.
+        self.census = census
         self._live: list[Any] = []
 
     def snapshot(self) -> None:
@@ -226,17 +228,18 @@ class GatewayCollector(Collector):
         self._live = live
 
     def collect(self) -> Iterator[Any]:
-        yield from census_families(self.gateway.spool.root)
+        if self.census:
+            yield from census_families(self.gateway.spool.root)
         yield from self._live
 
 
 class GatewayMetrics:
     """The registry of one gateway: the mail-log observer plus the live collector."""
 
-    def __init__(self, gateway: Any, auth_backend: str) -> None:
+    def __init__(self, gateway: Any, auth_backend: str, census: bool = True) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.observer = MailLogMetrics(self.registry, auth_backend)
-        self.collector = GatewayCollector(gateway)
+        self.collector = GatewayCollector(gateway, census)
         self.registry.register(self.collector)
 
     def render(self) -> bytes:

@@ -9,18 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 
-@dataclass(frozen=True)
-class Reply:
-    code: int
-    enhanced: str
-    text: str
-    disconnect: bool = False
+class ReplyClass:
+    """What the first digit of ``code`` says; shared by the replies the gateway sends
+    (``Reply``) and those it receives from a smarthost (``smtpclient.ClientReply``)."""
 
-    def __post_init__(self) -> None:
-        if not 200 <= self.code <= 599:
-            raise ValueError(f"bad SMTP code {self.code}")
-        if self.enhanced and self.enhanced[0] != str(self.code)[0]:
-            raise ValueError(f"enhanced code {self.enhanced} does not match {self.code}")
+    code: int
 
     @property
     def is_success(self) -> bool:
@@ -33,6 +26,20 @@ class Reply:
     @property
     def is_permanent(self) -> bool:
         return self.code >= 500
+
+
+@dataclass(frozen=True)
+class Reply(ReplyClass):
+    code: int
+    enhanced: str
+    text: str
+    disconnect: bool = False
+
+    def __post_init__(self) -> None:
+        if not 200 <= self.code <= 599:
+            raise ValueError(f"bad SMTP code {self.code}")
+        if self.enhanced and self.enhanced[0] != str(self.code)[0]:
+            raise ValueError(f"enhanced code {self.enhanced} does not match {self.code}")
 
     def with_text(self, text: str) -> Reply:
         return replace(self, text=text)

@@ -161,7 +161,8 @@ class GatewayService(service.MultiService):
             backend.setServiceParent(self)
         self.options = XHeaderPolicy(config.options)
         self.reloader = Reloader(self, load_again if worker is None else self._load_for_worker)
-        self.metrics = GatewayMetrics(self, "+".join(self.auth.checkers) or "none")
+        self.metrics = GatewayMetrics(self, "+".join(self.auth.checkers) or "none",
+                                      census=worker is None)
         CertificateWatcher(lambda: list(self.tls_creators.values()),
                            config.service.certificate_check_interval, reactor
                            ).setServiceParent(self)

@@ -38,6 +38,7 @@ from twisted.internet.protocol import Factory, connectionDone
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 
+from gateway.reply import ReplyClass
 from gateway.tls import is_tls_failure
 
 MAX_REPLY_LINE = 2048  # RFC 5321 says 512; be lenient, but bounded
@@ -50,7 +51,7 @@ _FORBIDDEN_IN_COMMAND = (b"\r", b"\n", b"\0")
 # --- values and errors ---------------------------------------------------------------
 
 @dataclass(frozen=True)
-class ClientReply:
+class ClientReply(ReplyClass):
     """A reply from the server; ``lines`` are the texts without code or enhanced code."""
 
     code: int
@@ -60,18 +61,6 @@ class ClientReply:
     @property
     def text(self) -> str:
         return "\n".join(self.lines)
-
-    @property
-    def is_success(self) -> bool:
-        return self.code < 400
-
-    @property
-    def is_temporary(self) -> bool:
-        return 400 <= self.code < 500
-
-    @property
-    def is_permanent(self) -> bool:
-        return self.code >= 500
 
     def __str__(self) -> str:
         return f"{self.code} {self.enhanced} {' / '.join(self.lines)}".replace("  ", " ").strip()

@@ -5,7 +5,7 @@ every worker for its own exposition text over its control socket, labels each sa
 ``worker="<index>"`` and serves them as one set of families, with its own:
 
 - the spool census (``queue_messages``, ``queue_oldest_age_seconds``): the spool is
-  shared, so it is counted once, here, and not per worker;
+  shared, so it is counted once, here (workers do not count it);
 - ``workers`` (configured), ``workers_running``, ``worker_restarts_total``.
 
 ``/readyz`` is 200 only when every worker is running and ready by its own checks
@@ -30,18 +30,15 @@ from gateway.fanout import ask_all
 from gateway.metrics import PREFIX, census_families
 from gateway.webops import CONTENT_TYPE, Answer, health
 
-NODE_WIDE = {f"{PREFIX}_queue_messages", f"{PREFIX}_queue_oldest_age_seconds"}
 SCRAPE_TIMEOUT = 5.0
 
 
 def merge(texts: dict[int, str]) -> list[Metric]:
     """One family per name from the workers' exposition texts, each sample labelled with
-    its worker.  The node-wide families (the spool census) are left out."""
+    its worker.  (Workers leave out the spool census: the supervisor counts it once.)"""
     families: dict[str, Metric] = {}
     for index, text in sorted(texts.items()):
         for family in text_string_to_metric_families(text):
-            if family.name in NODE_WIDE:
-                continue
             merged = families.get(family.name)
             if merged is None:
                 merged = families[family.name] = Metric(family.name, family.documentation,
