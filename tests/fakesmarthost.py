@@ -55,6 +55,12 @@ class Received:
     accepted: bool = True  # False: answered 4xx/5xx, dropped or stalled at data_end
     reply: str = ""
 
+    @property
+    def message_id(self) -> str:
+        """The Message-ID header's value ("" without one)."""
+        _, found, rest = self.data.partition(b"Message-ID: ")
+        return rest.split(b"\r\n", 1)[0].decode() if found else ""
+
 
 @dataclass
 class _Transaction:

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import smtplib
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,74 +13,12 @@ import pytest_twisted
 from twisted.internet import reactor, threads
 
 from fakesmarthost import FakeSmarthost
-
-
-class Twistd:
-    """A gateway process; ``port`` is read from its own "listening on" log line."""
-
-    def __init__(self, config: Path, cwd: Path) -> None:
-        twistd = Path(sys.executable).with_name("twistd")
-        self.proc = subprocess.Popen(
-            [str(twistd), "-n", "--pidfile=", "itpison-gateway", "--config", str(config)],
-            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        self.port: int | None = None
-        self._ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            m = re.search(r"listening on IPv4Address\(type='TCP', host='127\.0\.0\.1', port=(\d+)\)", line)
-            if m and self.port is None:
-                self.port = int(m.group(1))
-                self._ready.set()
-        self._ready.set()
-
-    def wait_ready(self, timeout: float = 30) -> int:
-        self._ready.wait(timeout)
-        assert self.port is not None, "gateway did not start:\n" + "".join(self.lines[-40:])
-        return self.port
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                return self.proc.wait(10)
-        return self.proc.returncode
+from twistdrig import TwistdProcess, gateway_toml, tls_smarthost
 
 
 def write_config(tmp_path: Path, smarthost_port: int, ca: Path) -> Path:
-    config = tmp_path / "gateway.toml"
-    config.write_text(f"""
-[gateway]
-hostname = "gw.example.test"
-state_dir = "{tmp_path / 'state'}"
-
-[[listeners]]
-endpoint = "tcp:0:interface=127.0.0.1"
-mode = "smtp"
-
-[[smarthosts]]
-host = "127.0.0.1"
-port = {smarthost_port}
-security = "smtps"
-tls_name = "localhost"
-ca_file = "{ca}"
-
-[queue]
-retry_min = 1
-retry_max = 2
-""")
-    return config
+    return gateway_toml(tmp_path, smarthost=tls_smarthost(smarthost_port, ca),
+                        extra="[queue]\nretry_min = 1\nretry_max = 2\n")
 
 
 BODY = ("x" * 98 + "\r\n") * 50  # 5 KB
@@ -110,7 +45,7 @@ async def test_sigkill_under_load_loses_no_accepted_message(tmp_path, test_ca):
                        responses={"greeting": "421 4.3.2 down"})  # nothing leaves before the kill
     await fs.start()
     config = write_config(tmp_path, fs.port, test_ca.ca_pem)
-    gw = Twistd(config, tmp_path)
+    gw = TwistdProcess(config, tmp_path)
     second = None
     try:
         port = await threads.deferToThread(gw.wait_ready)
@@ -132,12 +67,11 @@ async def test_sigkill_under_load_loses_no_accepted_message(tmp_path, test_ca):
         assert fs.messages == []
 
         fs.responses.pop("greeting")
-        second = Twistd(config, tmp_path)
+        second = TwistdProcess(config, tmp_path)
         await threads.deferToThread(second.wait_ready)
         await fs.wait_for_messages(len(accepted), timeout=60)
         await threads.deferToThread(time.sleep, 1.0)  # anything extra would show up now
-        delivered = [m.data.split(b"Message-ID: ")[1].split(b"\r\n")[0].decode()
-                     for m in fs.messages]
+        delivered = [m.message_id for m in fs.messages]
         assert sorted(set(delivered) & set(accepted)) == sorted(accepted)  # none lost
         assert len(delivered) == len(set(delivered))  # none twice
         # Whatever was cut off mid-write was either delivered whole or never accepted.

@@ -10,30 +10,13 @@ import os
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest_twisted
 from twisted.internet import reactor, threads
 
 from fakesmarthost import FakeSmarthost
-from test_crash import Twistd, send_until_killed, write_config
-
-SRC = str(Path(__file__).resolve().parent.parent / "src")
-
-
-class WorktreeTwistd(Twistd):
-    """twistd running this checkout's code (not whatever gateway is installed)."""
-
-    def __init__(self, config: Path, cwd: Path) -> None:
-        old = os.environ.get("PYTHONPATH")
-        os.environ["PYTHONPATH"] = SRC + (os.pathsep + old if old else "")
-        try:
-            super().__init__(config, cwd)
-        finally:
-            if old is None:
-                del os.environ["PYTHONPATH"]
-            else:
-                os.environ["PYTHONPATH"] = old
+from test_crash import send_until_killed, write_config
+from twistdrig import TwistdProcess
 
 
 @pytest_twisted.ensureDeferred
@@ -41,7 +24,7 @@ async def test_sigkill_during_delivery_loses_nothing(tmp_path, test_ca, record_p
     fs = FakeSmarthost(reactor, security="smtps", cert=test_ca.issue("kill-sh", "localhost"))
     await fs.start()
     config = write_config(tmp_path, fs.port, test_ca.ca_pem)
-    gw = WorktreeTwistd(config, tmp_path)
+    gw = TwistdProcess(config, tmp_path)
     second = None
     try:
         port = await threads.deferToThread(gw.wait_ready)
@@ -58,12 +41,11 @@ async def test_sigkill_during_delivery_loses_nothing(tmp_path, test_ca, record_p
 
         await threads.deferToThread(kill)
         before = fs.count
-        second = WorktreeTwistd(config, tmp_path)
+        second = TwistdProcess(config, tmp_path)
         await threads.deferToThread(second.wait_ready)
 
         def delivered() -> Counter[str]:
-            return Counter(m.data.split(b"Message-ID: ")[1].split(b"\r\n")[0].decode()
-                           for m in fs.messages if m.accepted)
+            return Counter(m.message_id for m in fs.messages if m.accepted)
 
         for _ in range(600):
             if set(accepted) <= set(delivered()):

@@ -9,13 +9,11 @@ import smtplib
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from test_twistd import TWISTD, wait_for_line
-
-SRC = str(Path(__file__).parent.parent / "src")
+from test_twistd import wait_for_line
+from twistdrig import SRC, TWISTD, gateway_toml
 
 
 def datagram(sock: socket.socket) -> dict[str, str]:
@@ -24,22 +22,7 @@ def datagram(sock: socket.socket) -> dict[str, str]:
 
 
 def test_twistd_notifies_systemd_survives_sighup_and_logs_json(tmp_path, server_cert):
-    conf = tmp_path / "gw.toml"
-    conf.write_text(f"""
-[gateway]
-hostname = "gw.example.test"
-state_dir = "{tmp_path / 'state'}"
-[tls]
-certificate = "{server_cert.cert}"
-private_key = "{server_cert.key}"
-[[listeners]]
-endpoint = "tcp:0:interface=127.0.0.1"
-mode = "smtp"
-[[smarthosts]]
-host = "127.0.0.1"
-port = 9
-security = "none"
-""")
+    conf = gateway_toml(tmp_path, server_cert=server_cert)
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "notify.sock"))
     notify.settimeout(30)
@@ -81,24 +64,8 @@ def test_socket_activation_serves_systemds_socket(tmp_path, server_cert, workers
     listening.bind(("127.0.0.1", 0))
     listening.listen(50)
     port = listening.getsockname()[1]
-    conf = tmp_path / "gw.toml"
-    conf.write_text(f"""
-[gateway]
-hostname = "gw.example.test"
-state_dir = "{tmp_path / 'state'}"
-[tls]
-certificate = "{server_cert.cert}"
-private_key = "{server_cert.key}"
-[[listeners]]
-endpoint = "systemd:domain=INET:index=0"
-mode = "smtp"
-[[smarthosts]]
-host = "127.0.0.1"
-port = 9
-security = "none"
-[service]
-workers = {workers}
-""")
+    conf = gateway_toml(tmp_path, server_cert=server_cert, endpoint="systemd:domain=INET:index=0",
+                        extra=f"[service]\nworkers = {workers}")
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": SRC, "LISTEN_FDS": "1",
            "LISTEN_FDNAMES": "smtp"}  # systemd >= 227 always names them; Twisted needs both
     fd = listening.fileno()

@@ -19,6 +19,7 @@ from gateway.fanout import FanoutControl
 from gateway.ownership import QueueOwnership, owner_of
 from gateway.supervisor import RESTART_MAX, Supervisor, WorkerProcess
 from gateway.supervisor_web import ready
+from twistdrig import gateway_toml
 
 
 class Notes:
@@ -65,20 +66,7 @@ class Worker(WorkerProcess):
 
 @pytest.fixture
 def rig(tmp_path: Path):
-    conf = tmp_path / "gw.toml"
-    conf.write_text(f"""
-[gateway]
-state_dir = "{tmp_path / 'state'}"
-[[listeners]]
-endpoint = "tcp:0:interface=127.0.0.1"
-mode = "smtp"
-[[smarthosts]]
-host = "127.0.0.1"
-port = 9
-security = "none"
-[service]
-workers = 2
-""")
+    conf = gateway_toml(tmp_path, extra="[service]\nworkers = 2")
     clock = Clock()
     notes = Notes(watchdog_interval=10.0)
     sup = Supervisor(load_config(conf), clock, notes)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-TWISTD = str(Path(sys.executable).with_name("twistd"))
+from twistdrig import TWISTD, gateway_toml
 
 
 def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 30) -> list[str]:
@@ -83,20 +83,8 @@ def test_a_port_in_use_stops_the_start_with_an_error(tmp_path, workers):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        config = tmp_path / "gw.toml"
-        config.write_text(f"""
-[gateway]
-state_dir = "{tmp_path / 'state'}"
-[[listeners]]
-endpoint = "tcp:{taken.getsockname()[1]}:interface=127.0.0.1"
-mode = "smtp"
-[[smarthosts]]
-host = "127.0.0.1"
-port = 9
-security = "none"
-[service]
-workers = {workers}
-""")
+        config = gateway_toml(tmp_path, endpoint=f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1",
+                              extra=f"[service]\nworkers = {workers}")
         result = subprocess.run([TWISTD, "-n", "--pidfile=", "itpison-gateway", "--config",
                                  str(config)], cwd=tmp_path, capture_output=True, text=True,
                                 timeout=60)

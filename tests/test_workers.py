@@ -23,88 +23,12 @@ from twisted.internet import reactor, threads
 
 from fakesmarthost import FakeSmarthost
 from gatewayrig import send_unix
-
-SRC = str(Path(__file__).parent.parent / "src")
-TWISTD = str(Path(sys.executable).with_name("twistd"))
-PORT_RE = re.compile(r"listening on IPv4Address\(type='TCP', host='127\.0\.0\.1', port=(\d+)\)"
-                     r" \(smtp\) for 2 workers")
-METRICS_RE = re.compile(r"metrics and health checks on IPv4Address\(.*port=(\d+)\)")
-STARTED_RE = re.compile(r"worker (\d) started \(pid (\d+)\)")
-
-
-class Supervised:
-    """``twistd -n itpison-gateway`` with workers; what it logs is kept in ``lines``."""
-
-    def __init__(self, config: Path, cwd: Path, env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "itpison-gateway", "--config", str(config)],
-            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "PYTHONPATH": SRC, **(env or {})})
-        self.lines: list[str] = []
-        self.port: int | None = None
-        self.metrics_port: int | None = None
-        self.pids: dict[int, list[int]] = {0: [], 1: []}  # every pid each worker index had
-        self._changed = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._changed:
-                self.lines.append(line)
-                if m := PORT_RE.search(line):
-                    self.port = int(m.group(1))
-                if m := METRICS_RE.search(line):
-                    self.metrics_port = int(m.group(1))
-                if m := STARTED_RE.search(line):
-                    self.pids[int(m.group(1))].append(int(m.group(2)))
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
-
-    def wait_for(self, needle: str, count: int = 1, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while sum(needle in line for line in self.lines) < count:
-                left = deadline - time.monotonic()
-                if left <= 0 or self.proc.poll() is not None:
-                    raise AssertionError(f"{needle!r} x{count} not seen:\n"
-                                         + "".join(self.lines[-40:]))
-                self._changed.wait(min(left, 0.5))
-
-    def count(self, pattern: str) -> int:
-        with self._changed:
-            return sum(1 for line in self.lines if re.search(pattern, line))
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                return self.proc.wait(10)
-        return self.proc.returncode
+from twistdrig import PORT_RE, SRC, TwistdProcess, gateway_toml, tls_smarthost
 
 
 def write_config(tmp_path: Path, smarthost_port: int, ca: Path, extra: str = "") -> Path:
-    config = tmp_path / "gateway.toml"
-    config.write_text(f"""
-[gateway]
-hostname = "gw.example.test"
-state_dir = "{tmp_path / 'state'}"
-
-[[listeners]]
-endpoint = "tcp:0:interface=127.0.0.1"
-mode = "smtp"
-
-[[smarthosts]]
-host = "127.0.0.1"
-port = {smarthost_port}
-security = "smtps"
-tls_name = "localhost"
-ca_file = "{ca}"
-
+    """Two workers, the TLS fake smarthost, quick retries, metrics on a free port."""
+    return gateway_toml(tmp_path, smarthost=tls_smarthost(smarthost_port, ca), extra=f"""
 [relay]
 breaker_failures = 1000
 
@@ -119,31 +43,12 @@ stop_timeout = "5s"
 [metrics]
 endpoint = "tcp:0:interface=127.0.0.1"
 {extra}""")
-    return config
 
 
 def plain_config(tmp_path: Path, server_cert, service: str = "") -> Path:
     """Two workers, one smtp listener, a smarthost that is never reached (port 9)."""
-    conf = tmp_path / "gw.toml"
-    conf.write_text(f"""
-[gateway]
-hostname = "gw.example.test"
-state_dir = "{tmp_path / 'state'}"
-[tls]
-certificate = "{server_cert.cert}"
-private_key = "{server_cert.key}"
-[[listeners]]
-endpoint = "tcp:0:interface=127.0.0.1"
-mode = "smtp"
-[[smarthosts]]
-host = "127.0.0.1"
-port = 9
-security = "none"
-[service]
-workers = 2
-{service}
-""")
-    return conf
+    return gateway_toml(tmp_path, server_cert=server_cert,
+                        extra=f"[service]\nworkers = 2\n{service}\n")
 
 
 def send(port: int, n: int) -> str:
@@ -160,7 +65,7 @@ def send_many(port: int, count: int, start: int = 0) -> list[str]:
 
 
 def message_ids(fs: FakeSmarthost) -> list[str]:
-    return [m.data.split(b"Message-ID: ")[1].split(b"\r\n")[0].decode() for m in fs.messages]
+    return [m.message_id for m in fs.messages]
 
 
 def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
@@ -204,7 +109,7 @@ async def test_two_workers_both_serve_and_no_message_is_delivered_twice(tmp_path
     fs = FakeSmarthost(reactor, security="smtps", cert=test_ca.issue("w-sh", "localhost"))
     await fs.start()
     unix = f'[[listeners]]\nendpoint = "unix:{tmp_path / "smtp.sock"}"\nmode = "smtp"\n'
-    gw = Supervised(write_config(tmp_path, fs.port, test_ca.ca_pem, unix), tmp_path)
+    gw = TwistdProcess(write_config(tmp_path, fs.port, test_ca.ca_pem, unix), tmp_path)
     try:
         await threads.deferToThread(gw.wait_for, "all 2 workers ready")
         assert len({pids[0] for pids in gw.pids.values()}) == 2
@@ -242,7 +147,7 @@ async def test_a_killed_worker_is_restarted_and_its_queued_mail_delivered_once(t
     fs = FakeSmarthost(reactor, security="smtps", cert=test_ca.issue("w-sh", "localhost"),
                        responses={"greeting": "421 4.3.2 down"})  # everything stays queued
     await fs.start()
-    gw = Supervised(write_config(tmp_path, fs.port, test_ca.ca_pem), tmp_path)
+    gw = TwistdProcess(write_config(tmp_path, fs.port, test_ca.ca_pem), tmp_path)
     try:
         await threads.deferToThread(gw.wait_for, "all 2 workers ready")
         sent = await threads.deferToThread(send_many, gw.port, 30)
@@ -274,7 +179,7 @@ async def test_queue_commands_reach_the_worker_that_owns_each_message(tmp_path, 
     fs = FakeSmarthost(reactor, security="smtps", cert=test_ca.issue("w-sh", "localhost"),
                        responses={"greeting": "421 4.3.2 down"})
     await fs.start()
-    gw = Supervised(write_config(tmp_path, fs.port, test_ca.ca_pem), tmp_path)
+    gw = TwistdProcess(write_config(tmp_path, fs.port, test_ca.ca_pem), tmp_path)
     try:
         await threads.deferToThread(gw.wait_for, "all 2 workers ready")
         await threads.deferToThread(send_many, gw.port, 12)
@@ -320,7 +225,7 @@ def test_sd_notify_reload_and_stop_with_workers(tmp_path, server_cert):
     def datagram() -> dict[str, str]:
         return dict(line.split("=", 1) for line in notify.recv(4096).decode().splitlines())
 
-    gw = Supervised(conf, tmp_path, env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+    gw = TwistdProcess(conf, tmp_path, env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
     try:
         ready = datagram()
         assert ready["READY"] == "1" and "2 of 2 workers ready" in ready["STATUS"], ready
@@ -367,12 +272,11 @@ def test_sd_notify_reload_and_stop_with_workers(tmp_path, server_cert):
 def test_workers_stop_when_the_supervisor_is_killed_and_a_new_one_takes_over(tmp_path,
                                                                              server_cert):
     conf = plain_config(tmp_path, server_cert, 'stop_timeout = "2s"')
-    first = Supervised(conf, tmp_path)
+    first = TwistdProcess(conf, tmp_path)
     first.wait_for("all 2 workers ready")
     sent = send_many(first.port, 6)
     workers = [first.pids[0][0], first.pids[1][0]]
-    first.proc.kill()
-    first.proc.wait(10)
+    first.kill()
     deadline = time.monotonic() + 30
     while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -380,27 +284,19 @@ def test_workers_stop_when_the_supervisor_is_killed_and_a_new_one_takes_over(tmp
     # The orphans drained and released their queue slots: a new generation (here a single
     # process) owns the whole spool again, with every message still queued.
     conf.write_text(conf.read_text().replace("workers = 2", "workers = 1"))
-    second = subprocess.Popen([TWISTD, "-n", "--pidfile=", "itpison-gateway", "--config",
-                               str(conf)], cwd=tmp_path, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "PYTHONPATH": SRC})
+    second = TwistdProcess(conf, tmp_path)
     try:
-        from test_twistd import wait_for_line
-        lines = wait_for_line(second, "spool loaded")
-        assert f"spool loaded: {len(sent)} messages queued" in lines[-1]
-        assert not any("waiting up to" in line for line in lines)
+        second.wait_for("spool loaded")
+        assert second.count(rf"spool loaded: {len(sent)} messages queued") == 1
+        assert second.count("waiting up to") == 0
     finally:
-        second.send_signal(signal.SIGTERM)
-        second.communicate(timeout=60)
+        second.stop()
 
 
 def test_with_a_log_file_the_workers_log_through_the_supervisor(tmp_path, server_cert):
     conf = plain_config(tmp_path, server_cert)
     logfile = tmp_path / "gateway.log"
-    proc = subprocess.Popen([TWISTD, "-n", "--pidfile=", "--logfile", str(logfile),
-                             "itpison-gateway", "--config", str(conf)], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONPATH": SRC})
+    gw = TwistdProcess(conf, tmp_path, args=("--logfile", str(logfile)))
 
     def wait_in_log(needle: str) -> str:
         deadline = time.monotonic() + 60
@@ -420,16 +316,15 @@ def test_with_a_log_file_the_workers_log_through_the_supervisor(tmp_path, server
         assert "[worker 0 gateway.service#info] worker 0 of 2" in text
         assert "[worker 1 gateway.service#info] worker 1 of 2" in text
     finally:
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
-    assert "worker" not in out  # nothing of theirs went around the log file
-    assert proc.returncode in (0, -signal.SIGTERM)
+        code = gw.stop()
+    assert gw.count("worker") == 0  # nothing of theirs went around the log file
+    assert code in (0, -signal.SIGTERM)
     assert logfile.read_text().count("stopped (exit status 0)") == 2
 
 
 def test_sigterm_lets_a_transaction_in_progress_finish_in_its_worker(tmp_path, server_cert):
     conf = plain_config(tmp_path, server_cert, 'stop_timeout = "20s"')
-    gw = Supervised(conf, tmp_path)
+    gw = TwistdProcess(conf, tmp_path)
     gw.wait_for("all 2 workers ready")
     with socket.create_connection(("127.0.0.1", gw.port), timeout=30) as s:
         f = s.makefile("rb")
@@ -473,7 +368,7 @@ def send_until(port: int, tag: str, accepted: list[str], stop: threading.Event) 
 async def test_sigkill_of_a_worker_under_load_loses_no_accepted_message(tmp_path, test_ca):
     fs = FakeSmarthost(reactor, security="smtps", cert=test_ca.issue("w-sh", "localhost"))
     await fs.start()
-    gw = Supervised(write_config(tmp_path, fs.port, test_ca.ca_pem), tmp_path)
+    gw = TwistdProcess(write_config(tmp_path, fs.port, test_ca.ca_pem), tmp_path)
     stop = threading.Event()
     accepted: list[str] = []
     senders: list[threading.Thread] = []
